@@ -1,0 +1,1 @@
+"""dist_xqa: cross-lingual extractive QA by language-branch knowledge distillation."""
