@@ -1,0 +1,40 @@
+"""Batched forward passes of a QA model over stored features: the one place where
+features become model inputs, shared by training, logit producers and evaluation."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def input_columns(features) -> list[str]:
+    return [c for c in MODEL_INPUTS if c in features.column_names]
+
+
+def model_inputs(features, rows: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """Model inputs for the given feature rows, as tensors on `device`."""
+    batch = features.select_columns(input_columns(features))[list(rows)] if len(rows) else {}
+    return {k: torch.as_tensor(np.asarray(v), dtype=torch.long, device=device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, features, batch_size: int, device: torch.device,
+                   rows: Sequence[int] | None = None, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end logits [N, L] (float32) for `rows` of `features` (default: all)."""
+    rows = list(range(len(features))) if rows is None else list(rows)
+    was_training = model.training
+    model.eval()
+    starts, ends = [], []
+    for i in tqdm(range(0, len(rows), batch_size), desc=desc, disable=desc is None, leave=False):
+        out = model(**model_inputs(features, rows[i:i + batch_size], device))
+        starts.append(out.start_logits.float().cpu().numpy())
+        ends.append(out.end_logits.float().cpu().numpy())
+    model.train(was_training)
+    if not starts:
+        width = len(features[0]["input_ids"]) if len(features) else 0
+        return np.zeros((0, width), np.float32), np.zeros((0, width), np.float32)
+    return np.concatenate(starts), np.concatenate(ends)

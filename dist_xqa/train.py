@@ -1,0 +1,113 @@
+"""dist_xqa entry point: every rank of the world runs this file.
+
+    deepspeed [--num_gpus N] dist_xqa/train.py --deepspeed ds_configs/zero2.json \
+        [--config configs/X.yaml] [--stage teachers|distill|evaluate|all] [key=value ...]
+
+With no --config it runs the embedded default (the demo corpus and a tiny model). The
+stages: phase 1 trains the branch teachers (or a baseline's model) in concurrent role
+groups; phase 2 streams teacher logits through the sharded store into the student; then
+every model is evaluated. A finished stage is not redone; an interrupted one resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by the launchers: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch.distributed as dist
+import yaml
+
+from dist_xqa.config import ConfigError, RunConfig, load_config, load_ds_config
+
+log = logging.getLogger("dist_xqa")
+STAGES = ("teachers", "distill", "evaluate", "all")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--deepspeed", "--deepspeed_config", dest="deepspeed", default="ds_configs/zero2.json",
+                   help="DeepSpeed JSON config (ZeRO stage, optimizer); precision is switched by the trainer")
+    p.add_argument("--config", default=None, help="YAML run config (default: configs/demo.yaml, the embedded demo)")
+    p.add_argument("--stage", choices=STAGES, default="all")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. student.epochs=2 run_dir=/tmp/r")
+    return p.parse_args(argv)
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    file_handler = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")
+    file_handler.setFormatter(fmt)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    root.handlers[:] = [file_handler, console]
+
+
+def run(cfg: RunConfig, ds_config: dict, stage: str) -> None:
+    # Imported here so that a bad config is refused before torch.distributed, DeepSpeed or
+    # the data pipeline is loaded.
+    from dist_xqa.distributed import device_for_rank, init_distributed, make_groups
+    from dist_xqa.prepare import phase1_jobs, prepare, Prepared
+    from dist_xqa.roles.evaluator import evaluate_all
+    from dist_xqa.roles.finetune import train_job
+    from dist_xqa.roles.plan import plan_roles
+    from dist_xqa.roles.student import run_phase2
+
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = device_for_rank()
+    setup_logging(cfg.run_path, rank)
+
+    # Rank 0 prepares the data; a failure there (e.g. a language with no data) stops every
+    # rank with the same message, before any training.
+    error = [None]
+    if rank == 0:
+        try:
+            prepare(cfg)
+            (cfg.run_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        except (ConfigError, ValueError, OSError) as err:
+            error = [f"{type(err).__name__}: {err}"]
+    dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise SystemExit(f"dist_xqa: {error[0]}")
+    prepared = Prepared(cfg.run_path)
+
+    jobs = phase1_jobs(cfg)
+    distill = cfg.strategy.name == "lbmrc"
+    plan = plan_roles(world, [job.name for job in jobs])
+    groups = make_groups(plan)
+    if rank == 0:
+        log.info("role plan:\n%s", plan.describe())
+
+    if stage in ("teachers", "all"):
+        by_name = {job.name: job for job in jobs}
+        for group in plan.teacher_groups_for(rank):  # one per round, in round order
+            train_job(by_name[group.teacher], cfg, prepared, ds_config, groups[group.name], device)
+    if distill and stage in ("distill", "all"):
+        run_phase2(cfg, prepared, ds_config, plan, groups, device)
+    if stage in ("evaluate", "all"):
+        evaluate_all(cfg, prepared, device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        ds_config = load_ds_config(args.deepspeed)
+    except ConfigError as err:
+        raise SystemExit(f"dist_xqa: configuration error: {err}") from None
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run(cfg, ds_config, args.stage)
+
+
+if __name__ == "__main__":
+    main()
