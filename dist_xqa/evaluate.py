@@ -42,8 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dist_xqa.evaluate", description="EM/F1 of extractive QA predictions."
     )
-    parser.add_argument("dataset", help="SQuAD-format JSON file (with --matrix: a folder, one file per language)")
-    parser.add_argument("predictions", help="JSON {id: answer text} (with --matrix: {\"q-p\": {id: answer text}})")
+    parser.add_argument(
+        "dataset", help="SQuAD-format JSON file (with --matrix: a folder, one file per language)"
+    )
+    parser.add_argument(
+        "predictions", help="JSON {id: answer text} (with --matrix: {\"q-p\": {id: answer text}})"
+    )
     parser.add_argument("--normalization", choices=NORMALIZATIONS, default="squad")
     parser.add_argument("--lang", help="answer language (required by --normalization mlqa)")
     parser.add_argument("--matrix", action="store_true", help="score every question x passage language pair")
@@ -53,11 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.matrix:
             if not args.languages:
                 parser.error("--matrix needs --languages (e.g. en,es,de)")
+            if args.lang:
+                parser.error("--lang is for one file; with --matrix each passage's language is used")
             languages = [lang.strip() for lang in args.languages.split(",") if lang.strip()]
             examples, missing = read_parallel_gold(args.dataset, languages)
             for lang, ids in missing.items():
                 if ids:
-                    print(f"warning: {len(ids)} question ids absent from {lang}: {_first(ids)}", file=sys.stderr)
+                    print(f"warning: {len(ids)} question ids absent in {lang}: {_first(ids)}",
+                          file=sys.stderr)
             predictions = _read_pair_predictions(args.predictions, languages)
         else:
             if args.normalization == "mlqa" and not args.lang:
@@ -74,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.matrix:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
-        print(json.dumps({"exact_match": report["exact_match"], "f1": report["f1"]}))
+        print(json.dumps({"exact_match": report["pooled"]["exact_match"], "f1": report["pooled"]["f1"]}))
     return 0
 
 

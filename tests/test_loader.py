@@ -49,11 +49,14 @@ def test_valid_file_loads_every_field(tmp_path):
 
 
 def test_json_lines_one_article_per_line(tmp_path):
-    articles = squad([qa("a1")], [qa("b1"), qa("b2")])["data"]
+    # A raw U+2028 inside a string is valid JSON and must not split the line.
+    articles = squad([qa("a1", "Where\u2028now?")], [qa("b1"), qa("b2")])["data"]
+    lines = [json.dumps(article, ensure_ascii=False) for article in articles]
     path = tmp_path / "set.jsonl"
-    path.write_text(json.dumps(articles[0]) + "\n\n" + json.dumps(articles[1]) + "\n", encoding="utf-8")
+    path.write_bytes((lines[0] + "\r\n\r\n" + lines[1] + "\r\n").encode("utf-8"))
     examples, report = load_squad(path, "en")
     assert [(e.id, e.article_index) for e in examples] == [("a1", 0), ("b1", 1), ("b2", 1)]
+    assert examples[0].question == "Where\u2028now?"
     assert report.kept == 3
 
 

@@ -91,23 +91,25 @@ def _read_articles(path: Path) -> list[tuple[Any, str]]:
         ) from None
     if path.suffix == ".jsonl":
         articles = []
-        for line_no, line in enumerate(text.splitlines(), start=1):
+        # Split on "\n" only: str.splitlines would also break at U+2028 inside strings.
+        for line_no, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             where = f"{path}: line {line_no} (article {len(articles)})"
-            articles.append((_parse_json(line, f"{path}: line {line_no}"), where))
+            articles.append((_parse_json(line, path, line_no), where))
         return articles
-    document = _parse_json(text, str(path))
+    document = _parse_json(text, path)
     data = _field(document, "data", list, str(path))
     return [(article, f"{path}: article {i}") for i, article in enumerate(data)]
 
 
-def _parse_json(text: str, where: str) -> Any:
+def _parse_json(text: str, path: Path, line_no: int | None = None) -> Any:
+    """Parse a whole JSON file, or line `line_no` of a JSON Lines file."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        # For JSON Lines `where` already names the file line; the column is within it.
-        position = f"column {err.colno}" if "line" in where else f"line {err.lineno}, column {err.colno}"
+        where = f"{path}: line {line_no}" if line_no else str(path)
+        position = f"column {err.colno}" if line_no else f"line {err.lineno}, column {err.colno}"
         raise DataError(f"{where}: malformed JSON at {position}: {err.msg}") from None
 
 

@@ -43,6 +43,19 @@ class ParallelSet:
             missing={lang: [] for lang in self.languages},
         )
 
+    def restrict(self, languages: list[str] | tuple[str, ...]) -> ParallelSet:
+        """The same ids in a subset of the languages (e.g. the training languages, leaving
+        out those kept for zero-shot evaluation)."""
+        unknown = [lang for lang in languages if lang not in self.languages]
+        if unknown:
+            raise KeyError(f"languages not in the parallel set: {unknown} (it has {list(self.languages)})")
+        return ParallelSet(
+            languages=tuple(languages),
+            ids=self.ids,
+            examples={lang: self.examples[lang] for lang in languages},
+            missing={lang: self.missing.get(lang, []) for lang in languages},
+        )
+
 
 def align(per_lang: dict[str, list[QAExample]]) -> ParallelSet:
     """Join the language versions on question id; languages keep the dict's order.

@@ -146,7 +146,9 @@ def _translate_all(translate: Translate, texts: list[str], src: str, tgt: str) -
 def _check_markers(markers: tuple[str, str]) -> tuple[str, str]:
     open_, close = markers
     if not open_ or not close or open_ in close or close in open_:
-        raise ValueError(f"markers must be two distinct non-empty strings, neither inside the other: {markers!r}")
+        raise ValueError(
+            f"markers must be two non-empty strings, neither inside the other: {markers!r}"
+        )
     return open_, close
 
 

@@ -26,14 +26,15 @@ def read_gold(path: str | Path, lang: str) -> list[QAExample]:
         raise DataError(f"{path}: not a SQuAD-format JSON file ({error!r})") from error
     examples = []
     for a_index, article in enumerate(data):
-        for p_index, paragraph in enumerate(_get(article, "paragraphs", f"{path}: article {a_index}")):
+        paragraphs = _get(article, "paragraphs", f"{path}: article {a_index}")
+        for p_index, paragraph in enumerate(paragraphs):
             where = f"{path}: article {a_index}, paragraph {p_index}"
             for q_index, qa in enumerate(_get(paragraph, "qas", where)):
-                qa_where = f"{where}, question {q_index}"
-                example_id = _get(qa, "id", qa_where)
+                example_id = _get(qa, "id", f"{where}, question {q_index}")
+                qa_where = f"{where}, question {q_index} (id {example_id})"
                 answers = tuple(
-                    Answer(_get(answer, "text", f"{qa_where} (id {example_id})"), answer.get("answer_start", -1))
-                    for answer in _get(qa, "answers", f"{qa_where} (id {example_id})")
+                    Answer(_get(answer, "text", qa_where), answer.get("answer_start", -1))
+                    for answer in _get(qa, "answers", qa_where)
                 )
                 examples.append(
                     QAExample(
@@ -64,7 +65,9 @@ def read_parallel_gold(
         by_id: dict[str, QAExample] = {}
         for example in read_gold(path, lang):
             if example.id in by_id:
-                raise DataError(f"{path}: duplicate question id {example.id}; a parallel set needs unique ids")
+                raise DataError(
+                    f"{path}: duplicate question id {example.id}; a parallel set needs unique ids"
+                )
             by_id[example.id] = example
         per_lang[lang] = by_id
     all_ids = set().union(*per_lang.values())
@@ -91,7 +94,8 @@ def read_parallel_gold(
 def _one_file(folder: Path, pattern: str) -> Path:
     matches = sorted(folder.glob(pattern))
     if len(matches) != 1:
-        raise DataError(f"{folder}: expected one file matching {pattern!r}, found {[m.name for m in matches]}")
+        names = [match.name for match in matches]
+        raise DataError(f"{folder}: expected one file matching {pattern!r}, found {names}")
     return matches[0]
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from dist_xqa.data.records import QAExample
-from dist_xqa.eval.metrics import max_over_ground_truths, normalizer
+from dist_xqa.eval.metrics import NORMALIZATIONS, max_over_ground_truths, normalizer
 
 Key = tuple[str, str, str]  # (id, question_lang, context_lang), as QAExample.key
 
@@ -58,9 +58,9 @@ def score(
 
     A missing prediction scores 0 and is counted as unanswered. Under `mlqa` each answer is
     normalised by its passage language (the answer language). The report holds:
-    - `exact_match`, `f1`, `count`, `unanswered`: pooled over all examples;
+    - `pooled`: `exact_match`, `f1`, `count`, `unanswered` over all examples;
     - `pairs`: the same per language pair, keyed "q-p";
-    - `languages`: per language, the pair with question and passage in it;
+    - `per_language`: per language, the pair with question and passage in it;
     - `xlt` / `g_xlt`: EM and F1 averaged over same-language / different-language pairs
       (None when there is no such pair), `xlt_pooled` / `g_xlt_pooled`: pooled over their
       examples;
@@ -68,6 +68,8 @@ def score(
       `exact_match` / `f1` tables, rows = question language, columns = passage language,
       None where a pair has no examples.
     """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
     total, same, different = Tally(), Tally(), Tally()
     pairs: dict[tuple[str, str], Tally] = {}
     normalizers = {}
@@ -78,23 +80,23 @@ def score(
         if not example.answers:
             raise ValueError(f"example {example.key} has no gold answers to score against")
         prediction = predictions.get(example.key)
-        if prediction is None:
-            em, f1 = 0.0, 0.0
-        else:
+        answered = prediction is not None
+        em, f1 = 0.0, 0.0
+        if answered:
             truths = [answer.text for answer in example.answers]
             em, f1 = max_over_ground_truths(prediction, truths, normalizers[lang])
-        answered = prediction is not None
         pair = (example.question_lang, example.context_lang)
-        for tally in (total, pairs.setdefault(pair, Tally()), same if pair[0] == pair[1] else different):
+        by_kind = same if pair[0] == pair[1] else different
+        for tally in (total, pairs.setdefault(pair, Tally()), by_kind):
             tally.add(em, f1, answered)
 
     pair_scores = {pair: tally.scores() for pair, tally in pairs.items()}
     languages = _languages_in_order(pairs)
     return {
         "normalization": normalization,
-        **total.scores(),
+        "pooled": total.scores(),
         "pairs": {pair_name(*pair): s for pair, s in pair_scores.items()},
-        "languages": {q: s for (q, p), s in pair_scores.items() if q == p},
+        "per_language": {q: s for (q, p), s in pair_scores.items() if q == p},
         "xlt": _average_over_pairs([s for (q, p), s in pair_scores.items() if q == p]),
         "xlt_pooled": same.scores(),
         "g_xlt": _average_over_pairs([s for (q, p), s in pair_scores.items() if q != p]),
@@ -103,7 +105,7 @@ def score(
             "languages": languages,
             **{
                 metric: [
-                    [pair_scores[(q, p)][metric] if (q, p) in pair_scores else None for p in languages]
+                    [pair_scores[q, p][metric] if (q, p) in pair_scores else None for p in languages]
                     for q in languages
                 ]
                 for metric in ("exact_match", "f1")
