@@ -1,0 +1,77 @@
+"""Loss kernels, the same API on every device.
+
+On CUDA tensors these run fused Triton kernels (kd.py, alignment.py); elsewhere the PyTorch
+reference in dist_xqa.losses, which is also their specification. The environment variable
+DIST_XQA_KERNELS=triton|reference, or the `impl` argument, forces either path; with
+TRITON_INTERPRET=1 the Triton path runs on CPU tensors (slowly: tests only).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import triton
+from torch import Tensor
+
+from dist_xqa import losses
+
+IMPLS = ("auto", "triton", "reference")
+ENV_VAR = "DIST_XQA_KERNELS"
+
+
+def select_impl(tensor: Tensor, impl: str | None = None) -> str:
+    """Which path a call on `tensor` takes: "triton" or "reference".
+
+    `impl` wins over DIST_XQA_KERNELS, which wins over "auto" (Triton on CUDA tensors only).
+    """
+    choice = impl or os.environ.get(ENV_VAR) or "auto"
+    if choice not in IMPLS:
+        source = "impl" if impl else ENV_VAR
+        raise ValueError(f"{source} must be one of {IMPLS}, got {choice!r}")
+    if choice == "auto":
+        return "triton" if tensor.is_cuda else "reference"
+    if choice == "triton" and not (tensor.is_cuda or triton.knobs.runtime.interpret):
+        raise ValueError("the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU")
+    return choice
+
+
+def _kernel_module(name: str) -> ModuleType:
+    # Imported on first use: triton decides between compiler and interpreter when a kernel is
+    # defined, so TRITON_INTERPRET must be read after the caller has set it.
+    return importlib.import_module(f"dist_xqa.kernels.{name}")
+
+
+def entropy_weighted_kd(
+    student: Tensor,
+    teachers: Tensor,
+    mask: Tensor,
+    tau: float = 2.0,
+    mode: str = "imp",
+    fixed_weights: Tensor | None = None,
+    sign: float = -1.0,
+    return_row_losses: bool = False,
+    impl: str | None = None,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+    """Entropy-weighted teacher aggregation + tempered KD loss (see losses.entropy_weighted_kd).
+
+    student [R, L] (start and end rows stacked), teachers [K, R, L], mask [R, L] bool.
+    Returns (loss, weights [R, K]) and, with return_row_losses, the detached per-row losses
+    [R] (0 for rows with no valid position). Differentiable w.r.t. the student only.
+    """
+    triton_path = select_impl(student, impl) == "triton"
+    fn = _kernel_module("kd").entropy_weighted_kd if triton_path else losses.entropy_weighted_kd
+    return fn(student, teachers, mask, tau, mode, fixed_weights, sign, return_row_losses)
+
+
+def alignment_entropy(
+    h_t: Tensor, h_s: Tensor, t_mask: Tensor, s_mask: Tensor, impl: str | None = None
+) -> Tensor:
+    """X-STA token-alignment entropy (see losses.alignment_entropy); differentiable in h_t, h_s."""
+    triton_path = select_impl(h_t, impl) == "triton"
+    fn = _kernel_module("alignment").alignment_entropy if triton_path else losses.alignment_entropy
+    return fn(h_t, h_s, t_mask, s_mask)
+
+
+__all__ = ["ENV_VAR", "IMPLS", "alignment_entropy", "entropy_weighted_kd", "select_impl"]

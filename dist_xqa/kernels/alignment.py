@@ -1,0 +1,248 @@
+"""Fused X-STA token-alignment entropy, flash-attention style (Triton).
+
+Reference: dist_xqa.losses.alignment_entropy. For target rows i and source tokens j,
+x_ij = h_t[i] . h_s[j] / sqrt(H) and a_i = softmax over valid j of x_i.
+
+Forward: a program owns a block of target rows and loops over source blocks, computing score
+tiles with tl.dot and keeping a running max m, sum s = sum e^(x - m) and t = sum e^(x - m) x, so
+that H_i = log s + m - t / s (= lse_i - E_{a_i}[x]). It stores H_i, lse_i and E_i per row.
+
+Backward: dH_i/dx_ij = -a_ij (x_ij - E_i). Two kernels recompute the score tiles blockwise
+from h_t, h_s and the stored (lse, E): one accumulates dh_t over source blocks, the other
+dh_s over target blocks (no atomics, deterministic). Each program owns BLOCK_HO columns of
+the gradient it writes, so wide hidden sizes (768) split over several programs, each
+recomputing the scores: the trade keeps the accumulator in registers.
+
+Memory is O(B (I + J) H): no [B, I, J] tensor is ever materialised.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from dist_xqa import losses
+
+# Masked scores are set to this finite value, not -inf: the running max of a tile with no
+# valid position stays finite, so exp(m_old - m_new) is never exp(-inf + inf) = NaN.
+_NEG = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _score_tile(
+    a_ptr, b_ptr, a_idx, b_idx, a_ok, b_ok, H, stride_a, stride_b, scale,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """scale * a[a_idx] @ b[b_idx]^T as a float32 [BLOCK_A, BLOCK_B] tile (rows out of range: 0)."""
+    acc = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hs = h0 + tl.arange(0, BLOCK_H)
+        h_ok = hs < H
+        a = tl.load(a_ptr + a_idx[:, None] * stride_a + hs[None, :],
+                    mask=a_ok[:, None] & h_ok[None, :], other=0.0)
+        b_t = tl.load(b_ptr + b_idx[None, :] * stride_b + hs[:, None],
+                      mask=b_ok[None, :] & h_ok[:, None], other=0.0)
+        acc = tl.dot(a, b_t, acc, input_precision=DOT_PRECISION)
+    return acc * scale
+
+
+@triton.jit
+def _alignment_fwd_kernel(
+    ht_ptr, hs_ptr, smask_ptr, entropy_ptr, lse_ptr, mean_ptr,
+    I, J, H, scale,
+    stride_tb, stride_ti, stride_sb, stride_sj,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_block = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = i_block * BLOCK_I + tl.arange(0, BLOCK_I)
+    row_ok = rows < I
+    ht = ht_ptr + b * stride_tb
+    hs = hs_ptr + b * stride_sb
+    m = tl.full([BLOCK_I], _NEG, tl.float32)
+    s = tl.zeros([BLOCK_I], tl.float32)
+    t = tl.zeros([BLOCK_I], tl.float32)  # sum e^(x - m) * x
+    for j0 in range(0, J, BLOCK_J):
+        cols = j0 + tl.arange(0, BLOCK_J)
+        col_in = cols < J
+        col_ok = tl.load(smask_ptr + b * J + cols, mask=col_in, other=0) != 0
+        x = _score_tile(ht, hs, rows, cols, row_ok, col_in, H, stride_ti, stride_sj, scale,
+                        BLOCK_I, BLOCK_J, BLOCK_H, DOT_PRECISION)
+        x = tl.where(col_ok[None, :], x, _NEG)
+        m_new = tl.maximum(m, tl.max(x, 1))
+        e = tl.where(col_ok[None, :], tl.exp(x - m_new[:, None]), 0.0)
+        rescale = tl.exp(m - m_new)
+        s = s * rescale + tl.sum(e, 1)
+        t = t * rescale + tl.sum(e * x, 1)
+        m = m_new
+    # Rows with no valid source token: entropy 0, lse 0 (finite; their gradient is 0).
+    has = s > 0
+    s_safe = tl.where(has, s, 1.0)
+    lse = tl.where(has, m + tl.log(s_safe), 0.0)
+    mean = tl.where(has, t / s_safe, 0.0)
+    out = b * I + rows
+    tl.store(entropy_ptr + out, lse - mean, mask=row_ok)
+    tl.store(lse_ptr + out, lse, mask=row_ok)
+    tl.store(mean_ptr + out, mean, mask=row_ok)
+
+
+@triton.jit
+def _alignment_bwd_dht_kernel(
+    ht_ptr, hs_ptr, smask_ptr, dent_ptr, lse_ptr, mean_ptr, out_scale_ptr, dht_ptr,
+    I, J, H, scale,
+    stride_tb, stride_ti, stride_sb, stride_sj,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HO: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dh_t[i] = out_scale * sum_j g_ij h_s[j], g_ij = dent_i a_ij (x_ij - E_i)."""
+    i_block = tl.program_id(0)
+    ho = tl.program_id(1) * BLOCK_HO + tl.arange(0, BLOCK_HO)
+    b = tl.program_id(2).to(tl.int64)
+    ho_ok = ho < H
+    rows = i_block * BLOCK_I + tl.arange(0, BLOCK_I)
+    row_ok = rows < I
+    ht = ht_ptr + b * stride_tb
+    hs = hs_ptr + b * stride_sb
+    lse = tl.load(lse_ptr + b * I + rows, mask=row_ok, other=0.0)
+    mean = tl.load(mean_ptr + b * I + rows, mask=row_ok, other=0.0)
+    dent = tl.load(dent_ptr + b * I + rows, mask=row_ok, other=0.0)
+    acc = tl.zeros([BLOCK_I, BLOCK_HO], tl.float32)
+    for j0 in range(0, J, BLOCK_J):
+        cols = j0 + tl.arange(0, BLOCK_J)
+        col_in = cols < J
+        col_ok = tl.load(smask_ptr + b * J + cols, mask=col_in, other=0) != 0
+        x = _score_tile(ht, hs, rows, cols, row_ok, col_in, H, stride_ti, stride_sj, scale,
+                        BLOCK_I, BLOCK_J, BLOCK_H, DOT_PRECISION)
+        a = tl.where(col_ok[None, :], tl.exp(x - lse[:, None]), 0.0)
+        g = dent[:, None] * a * (x - mean[:, None])
+        v = tl.load(hs + cols[:, None] * stride_sj + ho[None, :],
+                    mask=col_in[:, None] & ho_ok[None, :], other=0.0)
+        acc = tl.dot(g.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    acc = acc * tl.load(out_scale_ptr)
+    tl.store(dht_ptr + b * stride_tb + rows[:, None] * stride_ti + ho[None, :],
+             acc.to(dht_ptr.dtype.element_ty), mask=row_ok[:, None] & ho_ok[None, :])
+
+
+@triton.jit
+def _alignment_bwd_dhs_kernel(
+    ht_ptr, hs_ptr, smask_ptr, dent_ptr, lse_ptr, mean_ptr, out_scale_ptr, dhs_ptr,
+    I, J, H, scale,
+    stride_tb, stride_ti, stride_sb, stride_sj,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HO: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dh_s[j] = out_scale * sum_i g_ij h_t[i], on transposed score tiles x^T [BLOCK_J, BLOCK_I]."""
+    j_block = tl.program_id(0)
+    ho = tl.program_id(1) * BLOCK_HO + tl.arange(0, BLOCK_HO)
+    b = tl.program_id(2).to(tl.int64)
+    ho_ok = ho < H
+    cols = j_block * BLOCK_J + tl.arange(0, BLOCK_J)
+    col_in = cols < J
+    col_ok = tl.load(smask_ptr + b * J + cols, mask=col_in, other=0) != 0
+    ht = ht_ptr + b * stride_tb
+    hs = hs_ptr + b * stride_sb
+    acc = tl.zeros([BLOCK_J, BLOCK_HO], tl.float32)
+    for i0 in range(0, I, BLOCK_I):
+        rows = i0 + tl.arange(0, BLOCK_I)
+        row_ok = rows < I
+        lse = tl.load(lse_ptr + b * I + rows, mask=row_ok, other=0.0)
+        mean = tl.load(mean_ptr + b * I + rows, mask=row_ok, other=0.0)
+        dent = tl.load(dent_ptr + b * I + rows, mask=row_ok, other=0.0)
+        x_t = _score_tile(hs, ht, cols, rows, col_in, row_ok, H, stride_sj, stride_ti, scale,
+                          BLOCK_J, BLOCK_I, BLOCK_H, DOT_PRECISION)
+        a_t = tl.where(col_ok[:, None], tl.exp(x_t - lse[None, :]), 0.0)
+        g_t = dent[None, :] * a_t * (x_t - mean[None, :])
+        q = tl.load(ht + rows[:, None] * stride_ti + ho[None, :],
+                    mask=row_ok[:, None] & ho_ok[None, :], other=0.0)
+        acc = tl.dot(g_t.to(q.dtype), q, acc, input_precision=DOT_PRECISION)
+    acc = acc * tl.load(out_scale_ptr)
+    tl.store(dhs_ptr + b * stride_sb + cols[:, None] * stride_sj + ho[None, :],
+             acc.to(dhs_ptr.dtype.element_ty), mask=col_in[:, None] & ho_ok[None, :])
+
+
+def _tiles(hidden: int) -> dict[str, int]:
+    """Tile sizes. Every tl.dot dimension stays >= 16 (GPUs reject smaller dot tiles).
+
+    GPU values are first choices, not yet tuned on hardware. The interpreter runs each program
+    in numpy, where larger tiles mean fewer Python steps.
+    """
+    width = max(16, triton.next_power_of_2(hidden))
+    if triton.knobs.runtime.interpret:
+        return dict(BLOCK_I=64, BLOCK_J=64, BLOCK_H=min(width, 128), BLOCK_HO=min(width, 128))
+    return dict(BLOCK_I=64, BLOCK_J=64, BLOCK_H=min(width, 64), BLOCK_HO=min(width, 256))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs get exact float32 products (as torch.bmm without TF32 does); for
+    # 16-bit inputs the setting does not apply.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class _AlignmentRowEntropy(torch.autograd.Function):
+    """(h_t [B, I, H], h_s [B, J, H], s_mask [B, J]) -> H_i [B, I] float32."""
+
+    @staticmethod
+    def forward(ctx, h_t, h_s, s_mask):
+        h_t, h_s = h_t.contiguous(), h_s.contiguous()
+        s_mask = s_mask.contiguous().view(torch.uint8)
+        batch, n_t, hidden = h_t.shape
+        n_s = h_s.shape[1]
+        entropy, lse, mean = (torch.empty(batch, n_t, device=h_t.device, dtype=torch.float32)
+                              for _ in range(3))
+        tiles = _tiles(hidden)
+        scale = 1.0 / math.sqrt(hidden)
+        if entropy.numel() > 0:
+            grid = (triton.cdiv(n_t, tiles["BLOCK_I"]), batch)
+            _alignment_fwd_kernel[grid](
+                h_t, h_s, s_mask, entropy, lse, mean, n_t, n_s, hidden, scale,
+                h_t.stride(0), h_t.stride(1), h_s.stride(0), h_s.stride(1),
+                BLOCK_I=tiles["BLOCK_I"], BLOCK_J=tiles["BLOCK_J"], BLOCK_H=tiles["BLOCK_H"],
+                DOT_PRECISION=_dot_precision(h_t.dtype), num_warps=4,
+            )
+        ctx.save_for_backward(h_t, h_s, s_mask, lse, mean)
+        return entropy
+
+    @staticmethod
+    def backward(ctx, d_entropy):
+        h_t, h_s, s_mask, lse, mean = ctx.saved_tensors
+        batch, n_t, hidden = h_t.shape
+        n_s = h_s.shape[1]
+        tiles = _tiles(hidden)
+        # g_ij carries the upstream gradient, which is tiny (1 / (B * I)) and would underflow
+        # in float16 on its way into tl.dot. So the kernels use dH / max|dH| and multiply the
+        # accumulated result back by out_scale = -max|dH| / sqrt(H).
+        d_entropy = d_entropy.float().contiguous()
+        peak = d_entropy.abs().amax() if d_entropy.numel() else d_entropy.new_zeros(())
+        peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+        d_normalised = d_entropy / peak
+        out_scale = (-peak / math.sqrt(hidden)).reshape(1)
+        args = (h_t, h_s, s_mask, d_normalised, lse, mean, out_scale)
+        shape_args = (n_t, n_s, hidden, 1.0 / math.sqrt(hidden),
+                      h_t.stride(0), h_t.stride(1), h_s.stride(0), h_s.stride(1))
+        meta = dict(tiles, DOT_PRECISION=_dot_precision(h_t.dtype), num_warps=8)
+        n_ho = triton.cdiv(hidden, tiles["BLOCK_HO"])
+        d_ht = d_hs = None
+        if ctx.needs_input_grad[0]:
+            d_ht = torch.zeros_like(h_t)
+            if d_ht.numel() > 0:
+                grid = (triton.cdiv(n_t, tiles["BLOCK_I"]), n_ho, batch)
+                _alignment_bwd_dht_kernel[grid](*args, d_ht, *shape_args, **meta)
+        if ctx.needs_input_grad[1]:
+            d_hs = torch.zeros_like(h_s)
+            if d_hs.numel() > 0 and n_t > 0:
+                grid = (triton.cdiv(n_s, tiles["BLOCK_J"]), n_ho, batch)
+                _alignment_bwd_dhs_kernel[grid](*args, d_hs, *shape_args, **meta)
+        return d_ht, d_hs, None
+
+
+def alignment_entropy(h_t: Tensor, h_s: Tensor, t_mask: Tensor, s_mask: Tensor) -> Tensor:
+    """The fused counterpart of dist_xqa.losses.alignment_entropy (same arguments and result)."""
+    losses.check_alignment_inputs(h_t, h_s, t_mask, s_mask)
+    rows = _AlignmentRowEntropy.apply(h_t, h_s, s_mask)
+    return losses.mean_of_row_means(rows, losses.alignment_rows_valid(t_mask, s_mask))
