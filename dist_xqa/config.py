@@ -8,7 +8,6 @@ refused before any rank trains, with a message that names the key.
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +67,6 @@ class TrainConfig:
     micro_batch_size: int = 16
     grad_accum: int = 1
     weight_decay: float = 0.005
-    adam_eps: float = 1e-8
 
 
 @dataclass
@@ -263,14 +261,3 @@ def validate(cfg: RunConfig) -> None:
         need(t.micro_batch_size >= 1 and t.grad_accum >= 1, f"{role}.micro_batch_size and grad_accum must be >= 1")
     need(cfg.model.doc_stride < cfg.model.max_length, "model.doc_stride must be smaller than model.max_length")
     need(cfg.checkpoint_every >= 1, "checkpoint_every must be at least 1")
-
-
-def load_ds_config(path: str | Path) -> dict[str, Any]:
-    """Parse a DeepSpeed JSON config, refusing a broken file by name and position."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"DeepSpeed config not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"DeepSpeed config {path} does not parse: line {err.lineno} column {err.colno}: {err.msg}") from None

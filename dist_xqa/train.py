@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script by the launchers: make the pack
 import torch.distributed as dist
 import yaml
 
-from dist_xqa.config import ConfigError, RunConfig, load_config, load_ds_config
+from dist_xqa.config import ConfigError, RunConfig, load_config
 
 log = logging.getLogger("dist_xqa")
 STAGES = ("teachers", "distill", "evaluate", "all")
@@ -55,16 +55,15 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 def run(cfg: RunConfig, ds_config: dict, stage: str) -> None:
     # Imported here so that a bad config is refused before torch.distributed, DeepSpeed or
     # the data pipeline is loaded.
-    from dist_xqa.distributed import device_for_rank, init_distributed, make_groups
+    from dist_xqa.distributed import init_distributed, make_groups
     from dist_xqa.prepare import phase1_jobs, prepare, Prepared
     from dist_xqa.roles.evaluator import evaluate_all
     from dist_xqa.roles.finetune import train_job
     from dist_xqa.roles.plan import plan_roles
     from dist_xqa.roles.student import run_phase2
 
-    init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = device_for_rank()
+    ctx = init_distributed()
+    rank, world, device = ctx.rank, ctx.world_size, ctx.device
     setup_logging(cfg.run_path, rank)
 
     # Rank 0 prepares the data; a failure there (e.g. a language with no data) stops every
@@ -99,11 +98,13 @@ def run(cfg: RunConfig, ds_config: dict, stage: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from dist_xqa.distributed import load_ds_config
+
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         ds_config = load_ds_config(args.deepspeed)
-    except ConfigError as err:
+    except (ConfigError, ValueError) as err:
         raise SystemExit(f"dist_xqa: configuration error: {err}") from None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run(cfg, ds_config, args.stage)

@@ -267,6 +267,10 @@ def _draw_article(rng: random.Random, article: int) -> tuple[_Passage, ...]:
     """Draws the facts of one article: distinct people across the article, distinct values
     of each type inside a passage (so every answer is unambiguous and every distractor is a
     different entity of the answer's type)."""
+    # Every language has as many templates of each kind as English; a sentence or question
+    # uses the same template index in all of them, so the versions are translations.
+    n_sentences = {fact: len(t) for fact, t in _LEXICONS["en"].sentences.items()}
+    n_questions = {kind: len(t) for kind, t in _LEXICONS["en"].questions.items()}
     n_persons = PERSONS_PER_PASSAGE * PASSAGES_PER_ARTICLE
     genders = [rng.random() < 0.5 for _ in range(n_persons)]
     female = iter(rng.sample(_FEMALE_NAMES, n_persons))
@@ -288,12 +292,13 @@ def _draw_article(rng: random.Random, article: int) -> tuple[_Passage, ...]:
         for i in range(PERSONS_PER_PASSAGE):
             facts = ["born", "job", "colour"]
             rng.shuffle(facts)
-            blocks.append([_Sentence(f, i, rng.randrange(3)) for f in facts])
+            blocks.append([_Sentence(f, i, rng.randrange(n_sentences[f])) for f in facts])
         rng.shuffle(blocks)
-        blocks.insert(rng.randrange(len(blocks) + 1), [_Sentence("event", -1, rng.randrange(3))])
+        event = _Sentence("event", -1, rng.randrange(n_sentences["event"]))
+        blocks.insert(rng.randrange(len(blocks) + 1), [event])
         candidates = [(kind, i) for i in range(PERSONS_PER_PASSAGE) for kind in _QUESTION_KINDS]
         questions = tuple(
-            _Question(f"demo-{article:04d}-{p}-{q}", kind, person, rng.randrange(2))
+            _Question(f"demo-{article:04d}-{p}-{q}", kind, person, rng.randrange(n_questions[kind]))
             for q, (kind, person) in enumerate(rng.sample(candidates, QUESTIONS_PER_PASSAGE))
         )
         passages.append(_Passage(tuple(persons), cities[-1], years[-1],
@@ -353,8 +358,7 @@ def _render_passage(passage: _Passage, lang: str) -> tuple[str, list[_Mention]]:
     offset = 0
     for sentence in passage.sentences:
         values = event_values if sentence.owner < 0 else _values(passage.persons[sentence.owner], lang)
-        templates = lexicon.sentences[sentence.fact]
-        text, spans = _fill(templates[sentence.template % len(templates)], values)
+        text, spans = _fill(lexicon.sentences[sentence.fact][sentence.template], values)
         for slot, (start, end) in spans.items():
             if slot != "a_job":
                 mentions.append(_Mention(slot, sentence.fact, sentence.owner, offset + start,
@@ -371,35 +375,30 @@ def _answer_mention(mentions: list[_Mention], question: _Question) -> _Mention:
 
 
 def _render_question(question: _Question, passage: _Passage, lang: str) -> str:
-    templates = _LEXICONS[lang].questions[question.kind]
-    return _fill(templates[question.template % len(templates)],
-                 _values(passage.persons[question.person], lang))[0]
+    template = _LEXICONS[lang].questions[question.kind][question.template]
+    return _fill(template, _values(passage.persons[question.person], lang))[0]
 
 
-def _damage(rng: random.Random, kind: str, question: _Question, passage: _Passage, lang: str,
-            mentions: list[_Mention], qa: dict) -> dict | None:
+def _damage(rng: random.Random, kind: str, qa: dict, question: _Question, passage: _Passage,
+            mentions: list[_Mention], lang: str) -> dict | None:
     """Damages one translated question the way machine translation does; None = dropped."""
-    qkind = _QUESTION_KINDS[question.kind]
-    others = [i for i in range(len(passage.persons)) if i != question.person]
     if kind == "lost_span":
         return None
     if kind == "paraphrase":
         values = _values(passage.persons[question.person], lang)
-        return {**qa, "question": _fill(rng.choice(_LEXICONS[lang].paraphrases[question.kind]),
-                                        values)[0]}
+        template = rng.choice(_LEXICONS[lang].paraphrases[question.kind])
+        return {**qa, "question": _fill(template, values)[0]}
     if kind == "wrong_entity":
-        # The question names another person's entity of the key's type; the answer is still
-        # the one of the original question.
-        values = _values(passage.persons[question.person], lang)
-        wrong = _values(passage.persons[rng.choice(others)], lang)
-        values[qkind.key] = wrong[qkind.key]
-        values["a_job"] = wrong["a_job"] if qkind.key == "job" else values["a_job"]
-        templates = _LEXICONS[lang].questions[question.kind]
-        return {**qa, "question": _fill(templates[question.template % len(templates)], values)[0]}
+        # A question template names only its key slot, so asking it about another person of
+        # the passage swaps the key entity for one of the same type; the answer stays.
+        other = rng.choice([i for i in range(len(passage.persons)) if i != question.person])
+        wrong = _Question(question.qid, question.kind, other, question.template)
+        return {**qa, "question": _render_question(wrong, passage, lang)}
     # moved_span: the answer lands on another entity of the answer's type in the passage.
     answer = _answer_mention(mentions, question)
+    slot = _QUESTION_KINDS[question.kind].answer
     wrong_spans = sorted({(m.start, m.text) for m in mentions
-                          if m.slot == qkind.answer and m.text != answer.text})
+                          if m.slot == slot and m.text != answer.text})
     start, text = rng.choice(wrong_spans)
     return {**qa, "answers": [{"text": text, "answer_start": start}]}
 
@@ -407,9 +406,8 @@ def _damage(rng: random.Random, kind: str, question: _Question, passage: _Passag
 def _squad_files(articles: list[tuple[_Passage, ...]], languages: tuple[str, ...], seed: int,
                  noise: float) -> dict[str, dict]:
     """Renders every article in every language as a SQuAD v1.1 object, then damages a
-    `noise` fraction of each non-English language's questions (drawn per language, so the
-    languages are damaged in different places)."""
-    noise_rng = random.Random(f"dist_xqa-demo-noise:{seed}")
+    `noise` fraction of each non-English language's questions (drawn from a stream per
+    language, so languages are damaged in different places, whichever others are asked for)."""
     files = {}
     for lang in languages:
         data = []
@@ -430,16 +428,17 @@ def _squad_files(articles: list[tuple[_Passage, ...]], languages: tuple[str, ...
                 paragraphs.append({"context": context, "qas": qas})
             data.append({"title": _LEXICONS[lang].title.format(n=a + 1), "paragraphs": paragraphs})
         if lang != "en" and noise > 0:
+            noise_rng = random.Random(f"dist_xqa-demo-noise:{seed}:{lang}")
             ids = sorted(qas_by_id)
             damaged = noise_rng.sample(ids, round(noise * len(ids)))
             kinds = noise_rng.choices(list(NOISE_KINDS), weights=list(NOISE_KINDS.values()),
                                       k=len(damaged))
-            replaced = {qid: _damage(noise_rng, kind, *where[qid], lang, qas_by_id[qid])
+            replaced = {qid: _damage(noise_rng, kind, qas_by_id[qid], *where[qid], lang)
                         for qid, kind in zip(damaged, kinds)}
             for article in data:
                 for paragraph in article["paragraphs"]:
-                    paragraph["qas"] = [replaced.get(qa["id"], qa) for qa in paragraph["qas"]
-                                        if replaced.get(qa["id"], qa) is not None]
+                    kept = (replaced.get(qa["id"], qa) for qa in paragraph["qas"])
+                    paragraph["qas"] = [qa for qa in kept if qa is not None]
         files[lang] = {"version": "1.1", "data": data}
     return files
 

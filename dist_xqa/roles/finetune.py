@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from dist_xqa.config import RunConfig, TrainConfig
-from dist_xqa.distributed import build_engine, release_engine
+from dist_xqa.distributed import TrainingGroup, build_engine, release_engine
 from dist_xqa.evaluate import postprocess, score
 from dist_xqa.inference import model_inputs
 from dist_xqa.losses import span_nll
@@ -46,6 +46,28 @@ def dev_f1(module, features, examples, cfg: RunConfig, device, group) -> float:
     return score(examples, preds, cfg.data.normalization)["pooled"]["f1"]
 
 
+def select_and_save(engine, tokenizer, dev_features, dev_examples, out_dir: Path, cfg: RunConfig, group,
+                    state: LoopState, epoch: int, monitor: Monitor, tag: str, device: torch.device) -> None:
+    """End of an epoch: score on dev and save the model in Hugging Face format if it is
+    the best so far (or every epoch, keeping the last, without dev selection)."""
+    select = cfg.eval.select_on_dev and len(dev_features) > 0
+    f1 = dev_f1(engine.module, dev_features, dev_examples, cfg, device, group) if select else -1.0
+    if select:
+        monitor.scalar(f"{tag}/dev_f1", f1, state.global_step)
+    if f1 > state.best_metric or not select:
+        state.best_metric, state.best_epoch = f1, epoch
+        weights = full_state_dict(engine)
+        if group.rank == 0:
+            save_hf(engine.module, tokenizer, out_dir, state_dict=weights)
+            log.info("%s: epoch %d dev F1 %.2f, saved to %s", tag, epoch + 1, f1, out_dir)
+
+
+def write_done(out_dir: Path, cfg: RunConfig, state: LoopState, epochs: int, dev_size: int) -> None:
+    selection = "best dev F1" if cfg.eval.select_on_dev and dev_size else "last epoch (no dev selection)"
+    write_json(out_dir / "DONE.json", {"selected_epoch": state.best_epoch + 1, "dev_f1": state.best_metric,
+                                       "selection": selection, "epochs": epochs})
+
+
 def micro_batches(rows: list[int], micro_batch_size: int) -> list[list[int]]:
     return [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)] or [[]]
 
@@ -59,19 +81,20 @@ def output_dir(cfg: RunConfig, job: Job) -> Path:
     return cfg.run_path / sub / job.name
 
 
-def train_job(job: Job, cfg: RunConfig, prepared: Prepared, ds_config: dict, group,
+def train_job(job: Job, cfg: RunConfig, prepared: Prepared, ds_config: dict, group: TrainingGroup,
               device: torch.device) -> None:
     """Train `job` on the ranks of `group` (every rank of the group calls this)."""
     out_dir = output_dir(cfg, job)
     if (out_dir / "DONE.json").exists():
         return
     tcfg: TrainConfig = cfg.teacher
-    group_rank, group_size = dist.get_rank(group), dist.get_world_size(group)
+    group_rank, group_size = group.rank, group.size
     tokenizer = prepared.tokenizer()
     features = prepared.features(job.train_set)
     dev_features, dev_examples = prepared.features(job.dev_set), prepared.examples(job.dev_set)
     model = build_model(cfg.model, tokenizer, seed=cfg.seed)
-    engine = build_engine(model, ds_config, group, train_cfg=tcfg, device=device)
+    engine = build_engine(model, ds_config, group, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
+                          micro_batch_size=tcfg.micro_batch_size, gradient_accumulation_steps=tcfg.grad_accum)
     tag = f"teacher/{job.name}" if cfg.strategy.name == "lbmrc" else f"model/{job.name}"
     monitor = Monitor(cfg.run_path, tag.replace("/", "_"), enabled=group_rank == 0)
     global_batch = tcfg.micro_batch_size * tcfg.grad_accum * group_size
@@ -92,22 +115,14 @@ def train_job(job: Job, cfg: RunConfig, prepared: Prepared, ds_config: dict, gro
         monitor.throughput(len(rows), state.global_step)
 
     def end_of_epoch(epoch: int, state: LoopState) -> None:
-        f1 = dev_f1(engine.module, dev_features, dev_examples, cfg, device, group) if len(dev_features) else -1.0
-        monitor.scalar(f"{tag}/dev_f1", f1, state.global_step)
-        if f1 > state.best_metric or not cfg.eval.select_on_dev:
-            state.best_metric, state.best_epoch = f1, epoch
-            weights = full_state_dict(engine)
-            if group_rank == 0:
-                save_hf(engine.module, tokenizer, out_dir, state_dict=weights)
-                log.info("%s: epoch %d dev F1 %.2f (best so far, saved)", job.name, epoch + 1, f1)
+        select_and_save(engine, tokenizer, dev_features, dev_examples, out_dir, cfg, group, state, epoch,
+                        monitor, tag, device)
 
     loop = GroupLoop(engine, group, cfg.run_path / "checkpoints" / tag.replace("/", "_"),
                      cfg.checkpoint_every, desc=job.name, show_progress=group_rank == 0)
     state = loop.run(tcfg.epochs, lambda epoch: steps, train_step, end_of_epoch)
     if group_rank == 0:
-        selection = "best dev F1" if cfg.eval.select_on_dev and len(dev_features) else "last epoch"
-        write_json(out_dir / "DONE.json", {"selected_epoch": state.best_epoch + 1, "dev_f1": state.best_metric,
-                                           "selection": selection, "epochs": tcfg.epochs})
-    dist.barrier(group=group)
+        write_done(out_dir, cfg, state, tcfg.epochs, len(dev_features))
+    dist.barrier(group=group.process_group)
     monitor.close()
     release_engine(engine)

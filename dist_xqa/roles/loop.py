@@ -20,7 +20,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from dist_xqa.distributed import TrainingGroup, group_scope
 from dist_xqa.inference import predict_logits
+from dist_xqa.logits.order import rank_rows
 
 
 @dataclass
@@ -37,7 +39,7 @@ class GroupLoop:
     i)`, checkpointing every `checkpoint_every` steps and at every epoch end, and calling
     `end_of_epoch(epoch, state)` (model selection) after each epoch."""
 
-    def __init__(self, engine, group, ckpt_dir: Path, checkpoint_every: int, desc: str, show_progress: bool):
+    def __init__(self, engine, group: TrainingGroup, ckpt_dir: Path, checkpoint_every: int, desc: str, show_progress: bool):
         self.engine = engine
         self.group = group
         self.ckpt_dir = Path(ckpt_dir)
@@ -49,13 +51,15 @@ class GroupLoop:
     def resume(self) -> LoopState:
         if not (self.ckpt_dir / "latest").exists():
             return LoopState()
-        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+        with group_scope(self.group):
+            _, client = self.engine.load_checkpoint(str(self.ckpt_dir), load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
         return LoopState(**client["loop"]) if client and "loop" in client else LoopState()
 
     def save(self, state: LoopState) -> None:
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{state.global_step}",
-                                    client_state={"loop": asdict(state)})
+        with group_scope(self.group):  # DeepSpeed's barriers must stay inside the group
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{state.global_step}",
+                                        client_state={"loop": asdict(state)})
         if self.on_checkpoint is not None:
             self.on_checkpoint(state)
 
@@ -81,29 +85,27 @@ class GroupLoop:
         return state
 
 
-def rank_slice(rows: list[int], group) -> list[int]:
+def rank_slice(rows: list[int], group: TrainingGroup) -> list[int]:
     """This rank's part of `rows`: contiguous, disjoint across the group, sizes differing
     by at most one, the union is `rows`."""
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    per, extra = divmod(len(rows), size)
-    start = rank * per + min(rank, extra)
-    return rows[start:start + per + (rank < extra)]
+    part = rank_rows(len(rows), group.rank, group.size)
+    return rows[part]
 
 
 def group_predict(module: torch.nn.Module, features, batch_size: int, device: torch.device,
-                  group) -> tuple[np.ndarray, np.ndarray]:
+                  group: TrainingGroup) -> tuple[np.ndarray, np.ndarray]:
     """Start/end logits for every feature, computed by the whole group (each rank a slice)
     and gathered on every rank. Every rank runs the same number of forward passes, as
     ZeRO-3 gathers parameters collectively inside each forward."""
-    size = dist.get_world_size(group)
+    size = group.size
     rows = list(range(len(features)))
     per = math.ceil(len(rows) / size) if rows else 0
     mine = rank_slice(rows, group)
     padded = mine + [rows[0]] * (per - len(mine)) if rows else []
     start, end = predict_logits(module, features, batch_size, device, padded)
     parts: list = [None] * size
-    dist.all_gather_object(parts, (len(mine), start[:len(mine)], end[:len(mine)]), group=group)
-    return (np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]))
+    dist.all_gather_object(parts, (start[:len(mine)], end[:len(mine)]), group=group.process_group)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor]:

@@ -1,0 +1,239 @@
+"""DeepSpeed engines on role groups: the config each group's engine gets, the launcher
+environment, and real multi-process worlds (gloo, DeepSpeed on its CPU accelerator)
+running tests/dist_worker.py under torchrun."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_xqa.distributed import first_slurm_host, launcher_env, load_ds_config, resolve_ds_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
+WORKER = ROOT / "tests" / "dist_worker.py"
+
+
+def resolve(config, group_size=2, on_cuda=False, bf16_supported=False, **kwargs):
+    return resolve_ds_config(config, group_size, on_cuda=on_cuda, bf16_supported=bf16_supported,
+                             lr=kwargs.pop("lr", 3e-5), weight_decay=kwargs.pop("weight_decay", 0.005), **kwargs)
+
+
+# --- the config each group's engine gets ------------------------------------------------
+
+def test_the_four_shipped_configs_exist_and_follow_the_paper():
+    assert [p.name for p in DS_CONFIGS] == ["zero1.json", "zero2.json", "zero2_offload.json", "zero3.json"]
+    for path in DS_CONFIGS:
+        config = load_ds_config(path)
+        params = config["optimizer"]["params"]
+        assert config["optimizer"]["type"] == "AdamW"
+        assert (params["eps"], params["weight_decay"]) == (1e-8, 0.005)
+        assert config["bf16"]["enabled"] == config["fp16"]["enabled"] == "auto"
+        assert config["gradient_clipping"] > 0
+    stages = {p.name: load_ds_config(p)["zero_optimization"]["stage"] for p in DS_CONFIGS}
+    assert stages == {"zero1.json": 1, "zero2.json": 2, "zero2_offload.json": 2, "zero3.json": 3}
+    assert load_ds_config(ROOT / "ds_configs/zero2_offload.json")["zero_optimization"]["offload_optimizer"][
+        "device"] == "cpu"
+
+
+def test_batch_sizes_follow_the_group_size():
+    config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2, "train_batch_size": 999}
+    assert resolve(config, group_size=3)["train_batch_size"] == 8 * 2 * 3
+    overridden = resolve(config, group_size=5, micro_batch_size=4, gradient_accumulation_steps=3)
+    assert (overridden["train_micro_batch_size_per_gpu"], overridden["gradient_accumulation_steps"],
+            overridden["train_batch_size"]) == (4, 3, 60)
+    assert resolve({"train_micro_batch_size_per_gpu": 2}, group_size=1)["gradient_accumulation_steps"] == 1
+    assert config["train_batch_size"] == 999, "the caller's dict is left alone"
+
+
+def test_optimizer_takes_the_runs_lr_and_weight_decay_and_keeps_the_rest():
+    config = load_ds_config(ROOT / "ds_configs/zero2.json")
+    params = resolve(config, lr=2e-5, weight_decay=0.01)["optimizer"]["params"]
+    assert (params["lr"], params["weight_decay"], params["eps"], params["betas"]) == (2e-5, 0.01, 1e-8, [0.9, 0.999])
+    assert resolve({"train_micro_batch_size_per_gpu": 1})["optimizer"]["type"] == "AdamW"
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
+def test_without_cuda_half_precision_is_off_and_adam_is_torchs(path):
+    config = resolve(load_ds_config(path), on_cuda=False)
+    assert config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False
+    assert config["optimizer"]["params"]["torch_adam"] is True
+
+
+@pytest.mark.parametrize("bf16_supported,expect", [(True, (True, False)), (False, (False, True))])
+def test_on_cuda_auto_picks_bf16_where_supported_else_fp16(bf16_supported, expect):
+    config = resolve(load_ds_config(ROOT / "ds_configs/zero2_offload.json"), on_cuda=True,
+                     bf16_supported=bf16_supported)
+    assert (config["bf16"]["enabled"], config["fp16"]["enabled"]) == expect
+    assert "torch_adam" not in config["optimizer"]["params"]
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def test_explicit_precision_is_kept_on_cuda_and_dropped_without_it():
+    config = {"train_micro_batch_size_per_gpu": 1, "fp16": {"enabled": True}, "bf16": {"enabled": "auto"}}
+    on_gpu = resolve(config, on_cuda=True, bf16_supported=True)
+    assert (on_gpu["bf16"]["enabled"], on_gpu["fp16"]["enabled"]) == (False, True)
+    on_cpu = resolve(config, on_cuda=False)
+    assert (on_cpu["bf16"]["enabled"], on_cpu["fp16"]["enabled"]) == (False, False)
+
+
+@pytest.mark.parametrize("config,message", [
+    ({}, "train_micro_batch_size_per_gpu must be an integer >= 1, got None"),
+    ({"train_micro_batch_size_per_gpu": 0}, "train_micro_batch_size_per_gpu"),
+    ({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": "2"}, "gradient_accumulation_steps"),
+    ({"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": "yes"}}, "bf16.enabled must be"),
+    ({"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "fp16": {"enabled": True}}, "both enabled"),
+    ({"train_micro_batch_size_per_gpu": 1, "gradient_clipping": "auto"}, "found it at gradient_clipping"),
+])
+def test_bad_configs_are_refused_naming_the_key(config, message):
+    with pytest.raises(ValueError) as err:
+        resolve(config, on_cuda=True, source="my.json")
+    assert "my.json" in str(err.value) and message in str(err.value)
+
+
+def test_a_config_that_does_not_parse_is_refused_with_file_and_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{\n  "train_micro_batch_size_per_gpu": 4,\n  "fp16": {"enabled": tru}\n}\n')
+    with pytest.raises(ValueError, match=r"broken.json, line 3 column"):
+        load_ds_config(path)
+    with pytest.raises(ValueError, match="cannot read it"):
+        load_ds_config(tmp_path / "missing.json")
+    (tmp_path / "list.json").write_text("[1]")
+    with pytest.raises(ValueError, match="top level must be a JSON object"):
+        load_ds_config(tmp_path / "list.json")
+
+
+# --- launcher environment -> RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* -----------------------
+
+def test_torchrun_and_deepspeed_launcher_env_is_used_as_is():
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "1234",
+           "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    assert launcher_env(env) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+                                 "MASTER_ADDR": "node7", "MASTER_PORT": "1234"}
+
+
+def test_srun_env_gives_rank_and_rendezvous_on_the_first_node():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+           "SLURM_JOB_NODELIST": "gpu[003-006],cpu1", "SLURM_JOB_ID": "123456"}
+    assert launcher_env(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                                 "MASTER_ADDR": "gpu003", "MASTER_PORT": str(20000 + 123456 % 20000)}
+
+
+def test_mpirun_env_wins_over_the_batch_steps_slurm_procid():
+    env = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    got = launcher_env(env)
+    assert (got["RANK"], got["WORLD_SIZE"], got["LOCAL_RANK"], got["MASTER_ADDR"]) == ("2", "4", "2", "127.0.0.1")
+
+
+def test_multi_node_mpirun_without_master_addr_is_refused():
+    env = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}
+    with pytest.raises(ValueError, match="set MASTER_ADDR"):
+        launcher_env(env)
+
+
+def test_no_launcher_is_a_world_of_one():
+    got = launcher_env({})
+    assert (got["RANK"], got["WORLD_SIZE"], got["LOCAL_RANK"], got["MASTER_ADDR"]) == ("0", "1", "0", "127.0.0.1")
+    assert 0 < int(got["MASTER_PORT"]) < 65536
+
+
+@pytest.mark.parametrize("nodelist,host", [
+    ("node1", "node1"), ("node1,node2", "node1"), ("gpu[003-006,010]", "gpu003"),
+    ("a[7,9]-ib,b1", "a7-ib"), ("rack[2-3]n[01-04]", "rack2n01"),
+])
+def test_first_slurm_host(nodelist, host):
+    assert first_slurm_host(nodelist) == host
+
+
+# --- real worlds --------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_world(nproc: int, out: Path, *worker_args: str, launcher: str = "torchrun", timeout: float = 900) -> None:
+    """tests/dist_worker.py on `nproc` ranks under torchrun or the deepspeed launcher,
+    DeepSpeed on its CPU accelerator (the venv's bin first on PATH for its ninja)."""
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    if launcher == "torchrun":
+        start = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    else:
+        start = [str(bin_dir / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={free_port()}"]
+    command = [*start, str(WORKER), "--out", str(out), *worker_args]
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"world of {nproc} failed:\n{(result.stdout + result.stderr)[-6000:]}"
+
+
+def load(out: Path, group: str, rank: int) -> dict:
+    return torch.load(out / f"{group.replace('/', '_')}-rank{rank}.pt")
+
+
+def assert_trained_and_in_sync(out: Path, group: str, ranks: list[int], micro_batch: int = 4) -> torch.Tensor:
+    """Every rank of the group ends with the same weights, changed by training, from an
+    engine whose data-parallel world is exactly the group; returns those weights."""
+    records = [load(out, group, r) for r in ranks]
+    for record in records:
+        assert record["group_ranks"] == ranks
+        assert record["dp_world_size"] == len(ranks)
+        assert record["train_batch_size"] == micro_batch * len(ranks)
+        assert all(torch.isfinite(torch.tensor(record["losses"])))
+        assert not torch.equal(record["before"], record["after"]), f"{group} did not train"
+        torch.testing.assert_close(record["after"], records[0]["after"], rtol=0, atol=0)
+    return records[0]["after"]
+
+
+def test_two_ranks_teachers_then_student_with_no_world_collective(tmp_path):
+    """Two single-rank teacher groups (ZeRO-3), one after the other: rank 1 starts its
+    teacher only once rank 0 has built, trained, checkpointed and released its engine,
+    so any world-wide collective inside DeepSpeed would stall rank 0 and fail the run.
+    Each group's checkpoint resumes into a fresh engine. Then both ranks build one
+    student engine over the two of them."""
+    run_world(2, tmp_path, "--ds-config", str(ROOT / "ds_configs/zero3.json"), "--teachers", "en,es",
+              "--student-min-ranks", "2", "--one-group-at-a-time", "--reload", "--timeout", "600")
+    ranks = {"teacher/en": [0], "teacher/es": [1], "student": [0, 1]}
+    weights = {group: assert_trained_and_in_sync(tmp_path, group, members) for group, members in ranks.items()}
+    assert not torch.allclose(weights["teacher/en"], weights["teacher/es"]), "different data, different teachers"
+    for group, members in ranks.items():
+        # found through its `latest` tag, also in the group without world rank 0
+        assert (tmp_path / "ckpt" / group / "latest").read_text() == "final"
+        for rank in members:
+            record = load(tmp_path, group, rank)
+            torch.testing.assert_close(record["reloaded"], record["after"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", DS_CONFIGS, ids=lambda p: p.stem)
+def test_four_ranks_two_concurrent_teacher_groups_then_one_student(tmp_path, config):
+    """Two teacher groups of two ranks train concurrently on different data: the groups
+    end with different weights, the ranks of a group with identical ones (each rank saw
+    different batches, so the group's data-parallel reduction did that). Then the same
+    four ranks release their engines and train one student engine together."""
+    run_world(4, tmp_path, "--ds-config", str(config), "--teachers", "en,es", "--student-min-ranks", "4")
+    en = assert_trained_and_in_sync(tmp_path, "teacher/en", [0, 1])
+    es = assert_trained_and_in_sync(tmp_path, "teacher/es", [2, 3])
+    assert not torch.allclose(en, es)
+    assert_trained_and_in_sync(tmp_path, "student", [0, 1, 2, 3])
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_world_keeps_groups_independent(tmp_path):
+    """The users' launcher: it passes --local_rank and sets LOCAL_SIZE, which makes
+    DeepSpeed's CPU communication op wait at its first use until every rank of the node
+    has started it; init_distributed does that at start-up, so rank 0 can train its
+    teacher alone while rank 1 waits."""
+    run_world(2, tmp_path, "--ds-config", str(ROOT / "ds_configs/zero2.json"), "--teachers", "en,es",
+              "--student-min-ranks", "2", "--one-group-at-a-time", "--timeout", "600", launcher="deepspeed")
+    en = assert_trained_and_in_sync(tmp_path, "teacher/en", [0])
+    es = assert_trained_and_in_sync(tmp_path, "teacher/es", [1])
+    assert not torch.allclose(en, es)
+    assert_trained_and_in_sync(tmp_path, "student", [0, 1])
