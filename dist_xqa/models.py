@@ -7,6 +7,7 @@ saved in Hugging Face format with its tokenizer, so `AutoModelForQuestionAnsweri
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -43,8 +44,22 @@ def load_trained(path: str | Path) -> torch.nn.Module:
 def save_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
             state_dict: dict | None = None) -> None:
     """Save model + tokenizer in Hugging Face format; `state_dict` (e.g. gathered from
-    ZeRO-3 partitions) replaces the module's own when given."""
+    ZeRO-3 partitions) replaces the module's own when given. The caller picks the one
+    rank that writes. The files go to a temporary directory first, which then replaces
+    `out_dir`, so a crash mid-save leaves the previous model whole."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    tmp = out.with_name(f".{out.name}.saving")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # transformers writes weights and config only on world rank 0 of an initialised
+    # torch.distributed world; here the writer is a role group's first rank, which may be
+    # any world rank, so this save is told it is the writer.
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    finally:
+        del model.should_save_on_this_rank
+    tokenizer.save_pretrained(tmp)
+    if not (tmp / "config.json").exists():
+        raise RuntimeError(f"saving the model to {out} wrote no config.json")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)

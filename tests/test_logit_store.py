@@ -472,3 +472,33 @@ def test_resumed_student_finds_every_shard_from_its_checkpoint_on(tmp_path):
     resumed = StoreReader(tmp_path, ["en"], plan, manifest, 0.5, "window", lookahead=5)
     got = [resumed.get(0, p).feature_ids.tolist() for p in range(3, len(plan))]
     assert got == [plan.features(s) for s in plan.order(0)[3:]]
+
+
+def test_several_producers_of_one_teacher_split_its_shards(tmp_path):
+    """Two producer ranks of one teacher write disjoint shards (alternate run-wide
+    indices) that together are every shard the student reads, each once per epoch."""
+    plan = ShardPlan(range(30), shard_size=4, seed=1)
+    manifest = make_manifest(plan, teachers=("en",))
+    parts = [CountingCompute(0), CountingCompute(0)]
+    producers = [Producer(tmp_path, "en", plan, parts[i], lookahead=4, epochs=2, manifest=manifest, part=(i, 2))
+                 for i in range(2)]
+    reader = StoreReader(tmp_path, ["en"], plan, manifest, 5.0, "window", lookahead=4)
+    read = []
+    for epoch in range(2):
+        for position in range(len(plan)):
+            logits = reader.get(epoch, position, while_waiting=lambda: sum(p.step() for p in producers) > 0)
+            read.append(logits.feature_ids.tolist())
+            reader.commit_progress(epoch, position + 1)
+    while sum(p.step() for p in producers):
+        pass
+    assert all(p.finished for p in producers)
+    assert read == [plan.features(plan.shard_at(i)) for i in range(2 * len(plan))]
+    # Each part computes only shards at its own run-wide indices, nothing twice; a shard
+    # still on disk from epoch 0 when epoch 1 reads it is not recomputed.
+    for i, part in enumerate(parts):
+        assert part.calls and all(call in read[i::2] for call in part.calls)
+    assert len(parts[0].calls) + len(parts[1].calls) <= len(read)
+    assert {p.name for p in (tmp_path / "en").glob("heartbeat*.json")} == {"heartbeat.0of2.json",
+                                                                          "heartbeat.1of2.json"}
+    with pytest.raises(ValueError, match="part 2 of 2"):
+        Producer(tmp_path, "en", plan, parts[0], lookahead=4, epochs=2, manifest=manifest, part=(2, 2))

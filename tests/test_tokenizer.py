@@ -73,3 +73,15 @@ def test_ensure_tokenizer_trains_once(tmp_path):
     assert again.get_vocab() == first.get_vocab()
     with pytest.raises(ValueError, match="vocab_size"):
         ensure_tokenizer(tmp_path, TEXTS, vocab_size=500)
+
+
+def test_a_teacher_saved_with_another_tokenizer_is_refused(tmp_path):
+    from dist_xqa.data.features import TokenizerSettings
+    from dist_xqa.roles.student import check_teacher_tokenizers
+
+    train_tokenizer(["the cat sat on the mat"] * 5, tmp_path / "same")
+    train_tokenizer(["ein Hund lief durch den Park"] * 5, tmp_path / "other")
+    run = TokenizerSettings.from_tokenizer(AutoTokenizer.from_pretrained(tmp_path / "same"), "tiny", 64, 16)
+    check_teacher_tokenizers({"en": tmp_path / "same"}, run)
+    with pytest.raises(ValueError, match=r"(?s)teacher .de. \(.*other\).*vocab_hash"):
+        check_teacher_tokenizers({"en": tmp_path / "same", "de": tmp_path / "other"}, run)

@@ -28,7 +28,8 @@ ComputeLogits = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
 
 class Producer:
     """Writes `teacher`'s shards for `epochs` epochs of `plan`, at most `lookahead` shards
-    ahead of the student. `compute(feature_ids)` returns that teacher's (start, end) logits,
+    ahead of the student. Several producers of one teacher split its shards: `part`
+    (i, n) writes the shards at run-wide indices i, i + n, i + 2n, ... `compute(feature_ids)` returns that teacher's (start, end) logits,
     each [len(feature_ids), L]. Creating a Producer creates or verifies the store's manifest
     (StoreMismatchError on a stale store unless `reset`, which wipes it)."""
 
@@ -45,11 +46,14 @@ class Producer:
         poll: float = 0.05,
         timeout_s: float | None = None,
         reset: bool = False,
+        part: tuple[int, int] = (0, 1),
     ):
         if lookahead < 1 or epochs < 1:
             raise ValueError(f"producer {teacher}: lookahead and epochs must be >= 1, got {lookahead} and {epochs}")
         if teacher not in manifest.teachers:
             raise ValueError(f"producer {teacher}: not a teacher of the store's manifest ({sorted(manifest.teachers)})")
+        if not 0 <= part[0] < part[1]:
+            raise ValueError(f"producer {teacher}: part {part[0]} of {part[1]} does not exist")
         manifest.check_plan(plan)
         self.store = Path(store_dir)
         self.teacher = teacher
@@ -62,20 +66,27 @@ class Producer:
         self.timeout_s = timeout_s
         self.shards_written = 0
         self.finished = False
+        self.part, self.parts = part
         prepare_store(self.store, manifest, reset)
         (self.store / teacher).mkdir(exist_ok=True)
-        remove_temp_files(self.store / teacher)  # left by an earlier run of this producer killed mid-write
+        if self.parts == 1:
+            # Temporaries left by an earlier run of this producer killed mid-write. With
+            # several parts another part may be writing one right now: they are left (a
+            # temporary is never read, only its disk space is lost).
+            remove_temp_files(self.store / teacher)
         self._verified: dict[int, tuple[int, int, int]] = {}  # shard -> file identity checked once
         self._progress = StudentProgress(0, 0)
         self._last_beat: tuple[str, int, float] = ("", -1, 0.0)
 
     def step(self) -> bool:
-        """Produces the first missing shard of the student's window, if any; returns
-        whether it wrote one. Sets `finished` once every shard the student still needs
-        this run is on disk."""
+        """Produces the first missing shard of the student's window that is this part's
+        (run-wide index modulo `parts`), if any; returns whether it wrote one. Sets
+        `finished` once every shard of this part the student still needs is on disk."""
         self._progress = read_progress(self.store, self.plan)
         stop = min(self.total, self._progress.next + self.lookahead)
         for index in range(self._progress.next, stop):
+            if index % self.parts != self.part:
+                continue
             shard = self.plan.shard_at(index)
             if not self._has_valid(shard):
                 # Between reading the progress and the scan, the student may have read past
@@ -145,5 +156,6 @@ class Producer:
         last_state, last_index, last_time = self._last_beat
         if force or (state, index) != (last_state, last_index) or now - last_time >= HEARTBEAT_INTERVAL_S:
             epoch, position = self.plan.locate(index)
-            write_heartbeat(self.store, self.teacher, epoch, position, state, self.shards_written)
+            write_heartbeat(self.store, self.teacher, epoch, position, state, self.shards_written,
+                            part=(self.part, self.parts))
             self._last_beat = (state, index, now)

@@ -3,8 +3,9 @@
 - `<store>/progress.json`, written by the student: `next`, the shard it reads now (the
   producers' look-ahead window starts there), and `committed`, the point its last
   checkpoint resumes from (nothing before it is read again).
-- `<store>/<teacher>/heartbeat.json`, written by each producer: what it is doing, where,
-  and when it last said so; the student quotes it when it gives up waiting.
+- `<store>/<teacher>/heartbeat.json` (`heartbeat.<i>of<n>.json` for part i of a teacher
+  produced by n ranks), written by each producer: what it is doing, where, and when it
+  last said so; the student quotes them when it gives up waiting.
 """
 from __future__ import annotations
 
@@ -65,23 +66,37 @@ class Heartbeat:
     pid: int
 
 
-def write_heartbeat(store_dir: str | Path, teacher: str, epoch: int, position: int, state: str, shards_written: int) -> None:
-    """Records what producer `teacher` is doing now, at (epoch, position) of the order."""
+def heartbeat_path(store_dir: str | Path, teacher: str, part: tuple[int, int] = (0, 1)) -> Path:
+    name = HEARTBEAT_NAME if part[1] == 1 else f"heartbeat.{part[0]}of{part[1]}.json"
+    return Path(store_dir) / teacher / name
+
+
+def write_heartbeat(store_dir: str | Path, teacher: str, epoch: int, position: int, state: str, shards_written: int,
+                    part: tuple[int, int] = (0, 1)) -> None:
+    """Records what producer `teacher` (its `part` (i, n)) is doing now, at (epoch,
+    position) of the order."""
     beat = Heartbeat(teacher, epoch, position, state, shards_written, time.time(), os.getpid())
-    write_json(Path(store_dir) / teacher / HEARTBEAT_NAME, asdict(beat))
+    write_json(heartbeat_path(store_dir, teacher, part), asdict(beat))
 
 
 def describe_heartbeat(store_dir: str | Path, teacher: str) -> str:
-    """One line on producer `teacher`'s last heartbeat, or 'no heartbeat'."""
-    path = Path(store_dir) / teacher / HEARTBEAT_NAME
-    try:
-        data = read_json(path)
-        beat = None if data is None else Heartbeat(**data)
-    except (ValueError, TypeError) as e:
-        return f"{teacher}: unreadable heartbeat {path} ({e})"
-    if beat is None:
+    """One line per producer of `teacher` on its last heartbeat, or 'no heartbeat'."""
+    paths = sorted((Path(store_dir) / teacher).glob("heartbeat*.json"))
+    if not paths:
         return f"{teacher}: no heartbeat"
-    return (
-        f"{teacher}: {beat.state} at epoch {beat.epoch} position {beat.position}, "
-        f"{time.time() - beat.time:.1f} s ago (pid {beat.pid}, {beat.shards_written} shards written)"
-    )
+    lines = []
+    for path in paths:
+        try:
+            data = read_json(path)
+            beat = None if data is None else Heartbeat(**data)
+        except (ValueError, TypeError) as e:
+            lines.append(f"{teacher}: unreadable heartbeat {path} ({e})")
+            continue
+        if beat is None:  # removed since it was listed
+            continue
+        label = teacher if path.name == HEARTBEAT_NAME else f"{teacher} ({path.name})"
+        lines.append(
+            f"{label}: {beat.state} at epoch {beat.epoch} position {beat.position}, "
+            f"{time.time() - beat.time:.1f} s ago (pid {beat.pid}, {beat.shards_written} shards written)"
+        )
+    return "; ".join(lines) or f"{teacher}: no heartbeat"

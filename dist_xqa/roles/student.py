@@ -27,7 +27,8 @@ from dist_xqa.inference import model_inputs, predict_logits
 from dist_xqa.logits import Manifest, Producer, ShardPlan, StoreReader, hash_checkpoint
 from dist_xqa.logits.order import rank_rows
 from dist_xqa.losses import student_loss
-from dist_xqa.models import build_model, load_trained
+from dist_xqa.data.features import TokenizerSettings
+from dist_xqa.models import build_model, load_tokenizer, load_trained
 from dist_xqa.monitor import Monitor
 from dist_xqa.prepare import DISTILL_SET, Prepared
 from dist_xqa.roles.finetune import label_tensors, select_and_save, write_done
@@ -46,6 +47,15 @@ def wait_for_teachers(teacher_dirs: dict[str, Path], timeout_s: float) -> None:
             raise TimeoutError(f"teacher(s) {missing} not finished after {timeout_s:.0f} s "
                                f"(no DONE.json in {[str(teacher_dirs[t]) for t in missing]})")
         time.sleep(TEACHER_WAIT_POLL_S)
+
+
+def check_teacher_tokenizers(teacher_dirs: dict[str, Path], settings: TokenizerSettings) -> None:
+    """Teachers' logits are only comparable with the student's over the same tokens: refuse
+    a teacher saved with another tokenizer than the one the run's features use."""
+    for teacher, directory in teacher_dirs.items():
+        saved = TokenizerSettings.from_tokenizer(load_tokenizer(directory), str(directory),
+                                                 settings.max_length, settings.doc_stride)
+        settings.check_same(saved, "the run's features", f"teacher {teacher!r} ({directory})")
 
 
 def teacher_compute(model_dir: Path, features, row_of: dict[int, int], batch_size: int, device: torch.device):
@@ -80,6 +90,7 @@ def run_phase2(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePl
     teachers = list(plan.teachers)
     teacher_dirs = {t: cfg.run_path / "teachers" / t for t in teachers}
     wait_for_teachers(teacher_dirs, cfg.distill.wait_timeout_s * 4)
+    check_teacher_tokenizers(teacher_dirs, prepared.settings)
 
     scfg = cfg.student
     features = prepared.features(DISTILL_SET)
