@@ -59,6 +59,11 @@ class ModelConfig:
     max_length: int = 160
     doc_stride: int = 64
 
+    def __post_init__(self) -> None:
+        # `model.tiny.num_hidden_layers=1` changes one size and keeps the others (an
+        # entry left out would otherwise fall back to BertConfig's bert-base default).
+        self.tiny = {**ModelConfig.__dataclass_fields__["tiny"].default_factory(), **self.tiny}
+
 
 @dataclass
 class TrainConfig:
@@ -196,6 +201,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:  # a directory, no permission, not text
+        raise ConfigError(f"config file {path} cannot be read: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -204,7 +211,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. student.epochs=2)")
         key, text = item.split("=", 1)
-        _set_path(raw, key.strip(), yaml.safe_load(text))
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{key.strip()}': value {text!r} is not valid YAML: {err}") from None
+        _set_path(raw, key.strip(), value)
     try:
         cfg = _build(RunConfig, raw)
     except ConfigError as err:
@@ -259,5 +270,6 @@ def validate(cfg: RunConfig) -> None:
         need(t.epochs >= 1, f"{role}.epochs must be at least 1")
         need(t.lr > 0, f"{role}.lr must be positive")
         need(t.micro_batch_size >= 1 and t.grad_accum >= 1, f"{role}.micro_batch_size and grad_accum must be >= 1")
-    need(cfg.model.doc_stride < cfg.model.max_length, "model.doc_stride must be smaller than model.max_length")
+    need(0 <= cfg.model.doc_stride < cfg.model.max_length,
+         "model.doc_stride must be at least 0 and smaller than model.max_length")
     need(cfg.checkpoint_every >= 1, "checkpoint_every must be at least 1")
