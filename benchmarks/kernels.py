@@ -13,7 +13,8 @@ Writes JSON (default benchmarks/results/kernels.json) and prints a table:
 
 Run on a GPU node:  python benchmarks/kernels.py
 On a CPU (no GPU):  python benchmarks/kernels.py --smoke   (tiny shapes, the fused path through
-                    the Triton interpreter: proves the script runs, its times mean nothing)
+                    the Triton interpreter: proves the script runs, its times mean nothing;
+                    exits non-zero if a fused or eager variant failed)
 """
 
 from __future__ import annotations
@@ -326,7 +327,23 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out} ({report['device']}, bandwidth {bandwidth:.0f} GB/s)")
+    failed = failures(report)
+    if args.smoke and failed:
+        # The smoke run exists to prove the script works: a fused or eager variant that failed
+        # (recorded, not raised, so that a long GPU run keeps its other numbers) fails it.
+        sys.exit("benchmarks/kernels.py --smoke: failed variants:\n  " + "\n  ".join(failed))
     return report
+
+
+def failures(report: dict) -> list[str]:
+    """The recorded errors of the fused and eager variants (torch.compile's depend on the
+    toolchain, e.g. a C++ compiler on a CPU, and stay informational)."""
+    return [
+        f"{section} {row['impl']}: {row['error']}"
+        for section in ("aggregation", "alignment", "step_share")
+        for row in report.get(section, [])
+        if "error" in row and row["impl"] in ("fused", "eager")
+    ]
 
 
 if __name__ == "__main__":

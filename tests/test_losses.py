@@ -249,9 +249,11 @@ def test_gradcheck_span_nll():
 
 
 def test_gradcheck_alignment_entropy():
+    # I != J, H = 6 (not a power of two), padded rows and columns; example 2 has no valid
+    # source token, so all its target rows drop out (zero gradient, still finite).
     torch.manual_seed(1)
-    h_t = torch.randn(2, 5, 6, dtype=torch.double, requires_grad=True)
-    h_s = torch.randn(2, 4, 6, dtype=torch.double, requires_grad=True)
-    t_mask = torch.tensor([[True] * 4 + [False], [True] * 2 + [False] * 3])
-    s_mask = torch.tensor([[True] * 3 + [False], [True] * 4])
+    h_t = torch.randn(3, 5, 6, dtype=torch.double, requires_grad=True)
+    h_s = torch.randn(3, 4, 6, dtype=torch.double, requires_grad=True)
+    t_mask = torch.tensor([[True] * 4 + [False], [True] * 2 + [False] * 3, [True] * 5])
+    s_mask = torch.tensor([[True] * 3 + [False], [True] * 4, [False] * 4])
     torch.autograd.gradcheck(lambda a, b: losses.alignment_entropy(a, b, t_mask, s_mask), (h_t, h_s))

@@ -57,8 +57,12 @@ def entropy_weighted_kd(
     """Entropy-weighted teacher aggregation + tempered KD loss (see losses.entropy_weighted_kd).
 
     student [R, L] (start and end rows stacked), teachers [K, R, L], mask [R, L] bool.
-    Returns (loss, weights [R, K]) and, with return_row_losses, the detached per-row losses
-    [R] (0 for rows with no valid position). Differentiable w.r.t. the student only.
+    Weights: "hyper" -> fixed_weights (default 1/K); "imp" -> softmax over k of sign * H_k,
+    H_k the entropy of softmax(teachers[k]) at temperature 1 over valid positions. With
+    z = sum_k w_k teachers[k], p_T = softmax(z / tau) and p_S = softmax(student / tau) over
+    valid positions, loss = mean over rows with a valid position of tau^2 * (-sum p_T log p_S).
+    Returns (loss, weights [R, K], detached) and, with return_row_losses, the detached per-row
+    losses [R] (0 for rows with no valid position). Differentiable w.r.t. the student only.
     """
     triton_path = select_impl(student, impl) == "triton"
     fn = _kernel_module("kd").entropy_weighted_kd if triton_path else losses.entropy_weighted_kd
@@ -68,7 +72,15 @@ def entropy_weighted_kd(
 def alignment_entropy(
     h_t: Tensor, h_s: Tensor, t_mask: Tensor, s_mask: Tensor, impl: str | None = None
 ) -> Tensor:
-    """X-STA token-alignment entropy (see losses.alignment_entropy); differentiable in h_t, h_s."""
+    """X-STA token-alignment entropy (see losses.alignment_entropy); differentiable in h_t, h_s.
+
+    h_t [B, I, H], h_s [B, J, H], t_mask [B, I] and s_mask [B, J] bool. With
+    a_ij = softmax over valid j of h_t[i] . h_s[j] / sqrt(H), the loss is the batch mean of the
+    mean over valid target tokens i of -sum_j a_ij log a_ij: the paper's form (Cao et al. 2023),
+    which is the spec. The public X-STA code differs: it averages the alignment probabilities
+    over attention heads before taking the entropy, and includes padded query rows in the
+    mean. Examples with no valid target row (or no valid source token) are left out.
+    """
     triton_path = select_impl(h_t, impl) == "triton"
     fn = _kernel_module("alignment").alignment_entropy if triton_path else losses.alignment_entropy
     return fn(h_t, h_s, t_mask, s_mask)

@@ -4,11 +4,14 @@ Reference: dist_xqa.losses.alignment_entropy. For target rows i and source token
 x_ij = h_t[i] . h_s[j] / sqrt(H) and a_i = softmax over valid j of x_i.
 
 Forward: a program owns a block of target rows and loops over source blocks, computing score
-tiles with tl.dot and keeping a running max m, sum s = sum e^(x - m) and t = sum e^(x - m) x, so
-that H_i = log s + m - t / s (= lse_i - E_{a_i}[x]). It stores H_i, lse_i and E_i per row.
+tiles with tl.dot and keeping a running max m, sum s = sum e^(x - m) and
+t = sum e^(x - m) (x - m) (rescaled when m moves), so that H_i = log s - t / s: that is
+lse_i - E_{a_i}[x] without the cancellation of that form, which loses ~eps * |m|. It stores
+H_i, m_i, log s_i and c_i = t_i / s_i per row.
 
 Backward: dH_i/dx_ij = -a_ij (x_ij - E_i). Two kernels recompute the score tiles blockwise
-from h_t, h_s and the stored (lse, E): one accumulates dh_t over source blocks, the other
+from h_t, h_s and the stored row statistics, centred the same way (a_ij = exp((x_ij - m_i) -
+log s_i), x_ij - E_i = (x_ij - m_i) - c_i): one accumulates dh_t over source blocks, the other
 dh_s over target blocks (no atomics, deterministic). Each program owns BLOCK_HO columns of
 the gradient it writes, so wide hidden sizes (768) split over several programs, each
 recomputing the scores: the trade keeps the accumulator in registers.
@@ -53,7 +56,7 @@ def _score_tile(
 
 @triton.jit
 def _alignment_fwd_kernel(
-    ht_ptr, hs_ptr, smask_ptr, entropy_ptr, lse_ptr, mean_ptr,
+    ht_ptr, hs_ptr, smask_ptr, entropy_ptr, max_ptr, logs_ptr, cmean_ptr,
     I, J, H, scale,
     stride_tb, stride_ti, stride_sb, stride_sj,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -67,7 +70,7 @@ def _alignment_fwd_kernel(
     hs = hs_ptr + b * stride_sb
     m = tl.full([BLOCK_I], _NEG, tl.float32)
     s = tl.zeros([BLOCK_I], tl.float32)
-    t = tl.zeros([BLOCK_I], tl.float32)  # sum e^(x - m) * x
+    t = tl.zeros([BLOCK_I], tl.float32)  # sum e^(x - m) * (x - m)
     for j0 in range(0, J, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
         col_in = cols < J
@@ -77,24 +80,27 @@ def _alignment_fwd_kernel(
         x = tl.where(col_ok[None, :], x, _NEG)
         m_new = tl.maximum(m, tl.max(x, 1))
         e = tl.where(col_ok[None, :], tl.exp(x - m_new[:, None]), 0.0)
-        rescale = tl.exp(m - m_new)
+        shift = m - m_new  # <= 0; finite (s is 0 while m is _NEG)
+        rescale = tl.exp(shift)
+        t = (t + shift * s) * rescale + tl.sum(e * (x - m_new[:, None]), 1)
         s = s * rescale + tl.sum(e, 1)
-        t = t * rescale + tl.sum(e * x, 1)
         m = m_new
-    # Rows with no valid source token: entropy 0, lse 0 (finite; their gradient is 0).
+    # H_i = log s - E[x - m], centred: lse - E[x] would lose ~eps * |m| to cancellation.
+    # Rows with no valid source token: entropy 0 and statistics 0 (finite; their gradient is 0).
     has = s > 0
     s_safe = tl.where(has, s, 1.0)
-    lse = tl.where(has, m + tl.log(s_safe), 0.0)
-    mean = tl.where(has, t / s_safe, 0.0)
+    log_s = tl.log(s_safe)
+    centred_mean = tl.where(has, t / s_safe, 0.0)
     out = b * I + rows
-    tl.store(entropy_ptr + out, lse - mean, mask=row_ok)
-    tl.store(lse_ptr + out, lse, mask=row_ok)
-    tl.store(mean_ptr + out, mean, mask=row_ok)
+    tl.store(entropy_ptr + out, log_s - centred_mean, mask=row_ok)
+    tl.store(max_ptr + out, tl.where(has, m, 0.0), mask=row_ok)
+    tl.store(logs_ptr + out, log_s, mask=row_ok)
+    tl.store(cmean_ptr + out, centred_mean, mask=row_ok)
 
 
 @triton.jit
 def _alignment_bwd_dht_kernel(
-    ht_ptr, hs_ptr, smask_ptr, dent_ptr, lse_ptr, mean_ptr, out_scale_ptr, dht_ptr,
+    ht_ptr, hs_ptr, smask_ptr, dent_ptr, max_ptr, logs_ptr, cmean_ptr, out_scale_ptr, dht_ptr,
     I, J, H, scale,
     stride_tb, stride_ti, stride_sb, stride_sj,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HO: tl.constexpr,
@@ -109,8 +115,9 @@ def _alignment_bwd_dht_kernel(
     row_ok = rows < I
     ht = ht_ptr + b * stride_tb
     hs = hs_ptr + b * stride_sb
-    lse = tl.load(lse_ptr + b * I + rows, mask=row_ok, other=0.0)
-    mean = tl.load(mean_ptr + b * I + rows, mask=row_ok, other=0.0)
+    row_max = tl.load(max_ptr + b * I + rows, mask=row_ok, other=0.0)
+    log_s = tl.load(logs_ptr + b * I + rows, mask=row_ok, other=0.0)
+    cmean = tl.load(cmean_ptr + b * I + rows, mask=row_ok, other=0.0)
     dent = tl.load(dent_ptr + b * I + rows, mask=row_ok, other=0.0)
     acc = tl.zeros([BLOCK_I, BLOCK_HO], tl.float32)
     for j0 in range(0, J, BLOCK_J):
@@ -119,8 +126,9 @@ def _alignment_bwd_dht_kernel(
         col_ok = tl.load(smask_ptr + b * J + cols, mask=col_in, other=0) != 0
         x = _score_tile(ht, hs, rows, cols, row_ok, col_in, H, stride_ti, stride_sj, scale,
                         BLOCK_I, BLOCK_J, BLOCK_H, DOT_PRECISION)
-        a = tl.where(col_ok[None, :], tl.exp(x - lse[:, None]), 0.0)
-        g = dent[:, None] * a * (x - mean[:, None])
+        xc = tl.where(col_ok[None, :], x - row_max[:, None], 0.0)
+        a = tl.where(col_ok[None, :], tl.exp(xc - log_s[:, None]), 0.0)
+        g = dent[:, None] * a * (xc - cmean[:, None])
         v = tl.load(hs + cols[:, None] * stride_sj + ho[None, :],
                     mask=col_in[:, None] & ho_ok[None, :], other=0.0)
         acc = tl.dot(g.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -131,7 +139,7 @@ def _alignment_bwd_dht_kernel(
 
 @triton.jit
 def _alignment_bwd_dhs_kernel(
-    ht_ptr, hs_ptr, smask_ptr, dent_ptr, lse_ptr, mean_ptr, out_scale_ptr, dhs_ptr,
+    ht_ptr, hs_ptr, smask_ptr, dent_ptr, max_ptr, logs_ptr, cmean_ptr, out_scale_ptr, dhs_ptr,
     I, J, H, scale,
     stride_tb, stride_ti, stride_sb, stride_sj,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HO: tl.constexpr,
@@ -151,13 +159,15 @@ def _alignment_bwd_dhs_kernel(
     for i0 in range(0, I, BLOCK_I):
         rows = i0 + tl.arange(0, BLOCK_I)
         row_ok = rows < I
-        lse = tl.load(lse_ptr + b * I + rows, mask=row_ok, other=0.0)
-        mean = tl.load(mean_ptr + b * I + rows, mask=row_ok, other=0.0)
+        row_max = tl.load(max_ptr + b * I + rows, mask=row_ok, other=0.0)
+        log_s = tl.load(logs_ptr + b * I + rows, mask=row_ok, other=0.0)
+        cmean = tl.load(cmean_ptr + b * I + rows, mask=row_ok, other=0.0)
         dent = tl.load(dent_ptr + b * I + rows, mask=row_ok, other=0.0)
         x_t = _score_tile(hs, ht, cols, rows, col_in, row_ok, H, stride_sj, stride_ti, scale,
                           BLOCK_J, BLOCK_I, BLOCK_H, DOT_PRECISION)
-        a_t = tl.where(col_ok[:, None], tl.exp(x_t - lse[None, :]), 0.0)
-        g_t = dent[None, :] * a_t * (x_t - mean[None, :])
+        xc_t = tl.where(col_ok[:, None], x_t - row_max[None, :], 0.0)
+        a_t = tl.where(col_ok[:, None], tl.exp(xc_t - log_s[None, :]), 0.0)
+        g_t = dent[None, :] * a_t * (xc_t - cmean[None, :])
         q = tl.load(ht + rows[:, None] * stride_ti + ho[None, :],
                     mask=row_ok[:, None] & ho_ok[None, :], other=0.0)
         acc = tl.dot(g_t.to(q.dtype), q, acc, input_precision=DOT_PRECISION)
@@ -193,24 +203,25 @@ class _AlignmentRowEntropy(torch.autograd.Function):
         s_mask = s_mask.contiguous().view(torch.uint8)
         batch, n_t, hidden = h_t.shape
         n_s = h_s.shape[1]
-        entropy, lse, mean = (torch.empty(batch, n_t, device=h_t.device, dtype=torch.float32)
-                              for _ in range(3))
+        entropy, row_max, log_s, cmean = (
+            torch.empty(batch, n_t, device=h_t.device, dtype=torch.float32) for _ in range(4)
+        )
         tiles = _tiles(hidden)
         scale = 1.0 / math.sqrt(hidden)
         if entropy.numel() > 0:
             grid = (triton.cdiv(n_t, tiles["BLOCK_I"]), batch)
             _alignment_fwd_kernel[grid](
-                h_t, h_s, s_mask, entropy, lse, mean, n_t, n_s, hidden, scale,
+                h_t, h_s, s_mask, entropy, row_max, log_s, cmean, n_t, n_s, hidden, scale,
                 h_t.stride(0), h_t.stride(1), h_s.stride(0), h_s.stride(1),
                 BLOCK_I=tiles["BLOCK_I"], BLOCK_J=tiles["BLOCK_J"], BLOCK_H=tiles["BLOCK_H"],
                 DOT_PRECISION=_dot_precision(h_t.dtype), num_warps=4,
             )
-        ctx.save_for_backward(h_t, h_s, s_mask, lse, mean)
+        ctx.save_for_backward(h_t, h_s, s_mask, row_max, log_s, cmean)
         return entropy
 
     @staticmethod
     def backward(ctx, d_entropy):
-        h_t, h_s, s_mask, lse, mean = ctx.saved_tensors
+        h_t, h_s, s_mask, row_max, log_s, cmean = ctx.saved_tensors
         batch, n_t, hidden = h_t.shape
         n_s = h_s.shape[1]
         tiles = _tiles(hidden)
@@ -222,7 +233,7 @@ class _AlignmentRowEntropy(torch.autograd.Function):
         peak = torch.where(peak > 0, peak, torch.ones_like(peak))
         d_normalised = d_entropy / peak
         out_scale = (-peak / math.sqrt(hidden)).reshape(1)
-        args = (h_t, h_s, s_mask, d_normalised, lse, mean, out_scale)
+        args = (h_t, h_s, s_mask, d_normalised, row_max, log_s, cmean, out_scale)
         shape_args = (n_t, n_s, hidden, 1.0 / math.sqrt(hidden),
                       h_t.stride(0), h_t.stride(1), h_s.stride(0), h_s.stride(1))
         meta = dict(tiles, DOT_PRECISION=_dot_precision(h_t.dtype), num_warps=8)
@@ -242,7 +253,11 @@ class _AlignmentRowEntropy(torch.autograd.Function):
 
 
 def alignment_entropy(h_t: Tensor, h_s: Tensor, t_mask: Tensor, s_mask: Tensor) -> Tensor:
-    """The fused counterpart of dist_xqa.losses.alignment_entropy (same arguments and result)."""
+    """The fused counterpart of dist_xqa.losses.alignment_entropy (same arguments and result).
+
+    The paper's form, not the public X-STA code's (which averages the probabilities over
+    attention heads before the entropy and counts padded query rows): see that docstring.
+    """
     losses.check_alignment_inputs(h_t, h_s, t_mask, s_mask)
     rows = _AlignmentRowEntropy.apply(h_t, h_s, s_mask)
     return losses.mean_of_row_means(rows, losses.alignment_rows_valid(t_mask, s_mask))

@@ -11,6 +11,11 @@ statistics, computes
   pass 3: the gradient of the row loss w.r.t. the student, tau * (p_S - p_T), written in
           the forward so that the backward only scales it.
 
+Every expectation is accumulated relative to the running max (E[x - m], rescaled when m
+moves) and every probability is exp((x - m) - log s), never x - lse: with logits far from 0
+(a common offset of hundreds) the uncentred forms lose ~eps * |x| to cancellation, the
+reference's log_softmax does not.
+
 No [K, R, L] softmax (or any other K-sized intermediate) reaches memory; all arithmetic is
 float32 whatever the input precision. When a row fits one tile (L <= BLOCK_L, the usual case)
 each pass is a single step and passes 2-3 re-read the row from cache.
@@ -58,13 +63,14 @@ def _kd_rows_kernel(
     teacher_rows = teachers_ptr + ks[:, None].to(tl.int64) * teacher_stride + row * L
     inv_tau = 1.0 / tau
 
-    # Pass 1: teachers' entropies H = lse - E[x] (online over L) and the student's lse at tau.
+    # Pass 1: teachers' entropies H = log s - E[x - m] (online over L) and the student's
+    # running max and sum at tau.
     n_valid = 0
     s_max = _NEG
     s_sum = 0.0
     t_max = tl.full([BLOCK_K], _NEG, tl.float32)
     t_sum = tl.zeros([BLOCK_K], tl.float32)
-    t_dot = tl.zeros([BLOCK_K], tl.float32)  # sum exp(x - t_max) * x
+    t_dot = tl.zeros([BLOCK_K], tl.float32)  # sum exp(x - t_max) * (x - t_max)
     for start in range(0, L, BLOCK_L):
         cols = start + offsets
         valid = tl.load(mask_row + cols, mask=cols < L, other=0) != 0
@@ -80,15 +86,16 @@ def _kd_rows_kernel(
             x_t = tl.where(tile_ok, x_t, _NEG)
             new_t_max = tl.maximum(t_max, tl.max(x_t, 1))
             e = tl.where(tile_ok, tl.exp(x_t - new_t_max[:, None]), 0.0)
-            rescale = tl.exp(t_max - new_t_max)
+            shift = t_max - new_t_max  # <= 0; finite (t_sum is 0 while t_max is _NEG)
+            rescale = tl.exp(shift)
+            t_dot = (t_dot + shift * t_sum) * rescale + tl.sum(e * (x_t - new_t_max[:, None]), 1)
             t_sum = t_sum * rescale + tl.sum(e, 1)
-            t_dot = t_dot * rescale + tl.sum(e * x_t, 1)
             t_max = new_t_max
     row_ok = n_valid > 0
 
     if IMP:
         t_sum_safe = tl.where(k_ok & row_ok, t_sum, 1.0)
-        entropy = tl.where(row_ok, tl.log(t_sum_safe) + t_max - t_dot / t_sum_safe, 0.0)
+        entropy = tl.where(row_ok, tl.log(t_sum_safe) - t_dot / t_sum_safe, 0.0)
         score = tl.where(k_ok, sign * entropy, _NEG)
         e_w = tl.where(k_ok, tl.exp(score - tl.max(score, 0)), 0.0)
         w = e_w / tl.sum(e_w, 0)
@@ -96,10 +103,10 @@ def _kd_rows_kernel(
     else:
         w = tl.load(weights_ptr + row * K + ks, mask=k_ok, other=0.0)
 
-    # Pass 2: aggregated logits z / tau: lse_T and E_{p_T}[x_s / tau].
+    # Pass 2: aggregated logits z / tau: their max and sum, and E_{p_T}[x_s / tau - s_max].
     z_max = _NEG
     z_sum = 0.0
-    z_dot = 0.0  # sum exp(z - z_max) * x_s
+    z_dot = 0.0  # sum exp(z - z_max) * (x_s - s_max)
     for start in range(0, L, BLOCK_L):
         cols = start + offsets
         valid = tl.load(mask_row + cols, mask=cols < L, other=0) != 0
@@ -111,13 +118,14 @@ def _kd_rows_kernel(
         e = tl.where(valid, tl.exp(z - new_max), 0.0)
         rescale = tl.exp(z_max - new_max)
         z_sum = z_sum * rescale + tl.sum(e, 0)
-        z_dot = z_dot * rescale + tl.sum(e * x_s, 0)
+        z_dot = z_dot * rescale + tl.sum(e * (x_s - s_max), 0)
         z_max = new_max
-    # Rows with no valid position get lse 0: finite, and their gradient is masked to 0 anyway.
-    s_lse = tl.where(row_ok, s_max + tl.log(tl.where(row_ok, s_sum, 1.0)), 0.0)
-    z_lse = tl.where(row_ok, z_max + tl.log(tl.where(row_ok, z_sum, 1.0)), 0.0)
+    # Rows with no valid position: log-sums 0 (finite); their loss and gradient are 0.
+    s_log = tl.log(tl.where(row_ok, s_sum, 1.0))
+    z_log = tl.log(tl.where(row_ok, z_sum, 1.0))
     # CE(p_T, p_S) = -sum p_T log p_S = lse_S - E_{p_T}[x_s / tau]
-    row_loss = tl.where(row_ok, tau * tau * (s_lse - z_dot / tl.where(row_ok, z_sum, 1.0)), 0.0)
+    #             = log s_S - E_{p_T}[x_s / tau - s_max]   (centred: no cancellation)
+    row_loss = tl.where(row_ok, tau * tau * (s_log - z_dot / tl.where(row_ok, z_sum, 1.0)), 0.0)
     tl.store(row_loss_ptr + row, row_loss)
 
     # Pass 3: d row_loss / d student = tau^2 * (1 / tau) * (p_S - p_T) on valid positions.
@@ -129,7 +137,10 @@ def _kd_rows_kernel(
         x_t = tl.load(teacher_rows + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
         z = tl.sum(w[:, None] * x_t, 0) * inv_tau
         x_s = tl.load(student_row + cols, mask=valid, other=0.0).to(tl.float32) * inv_tau
-        grad = tau * (tl.exp(x_s - s_lse) - tl.exp(z - z_lse))
+        # Centred scores, 0 off the mask: no exp overflow there (rows with none have max _NEG).
+        x_c = tl.where(valid, x_s - s_max, 0.0)
+        z_c = tl.where(valid, z - z_max, 0.0)
+        grad = tau * (tl.exp(x_c - s_log) - tl.exp(z_c - z_log))
         tl.store(grad_ptr + row * L + cols, tl.where(valid, grad, 0.0), mask=in_row)
 
 
