@@ -50,14 +50,7 @@ def save_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir:
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.saving")
     shutil.rmtree(tmp, ignore_errors=True)
-    # transformers writes weights and config only on world rank 0 of an initialised
-    # torch.distributed world; here the writer is a role group's first rank, which may be
-    # any world rank, so this save is told it is the writer.
-    model.should_save_on_this_rank = lambda is_main_process: is_main_process
-    try:
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    finally:
-        del model.should_save_on_this_rank
+    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if not (tmp / "config.json").exists():
         raise RuntimeError(f"saving the model to {out} wrote no config.json")

@@ -12,17 +12,13 @@ GPU: 1e-5 on the loss and weights, 1e-2 relative on gradients.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-# With CUDA the kernels are compiled for it; without, they run through the interpreter, which
-# must be chosen before the kernel module is first imported.
+# With CUDA the kernels are compiled for it; without, they run through the interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+# Without CUDA, tests/conftest.py has chosen triton's interpreter before anything imported it.
 from dist_xqa import kernels, losses
 
 FP32 = dict(rtol=1e-5, atol=1e-6)

@@ -37,6 +37,7 @@ from dist_xqa.roles.plan import RolePlan
 
 log = logging.getLogger(__name__)
 TEACHER_WAIT_POLL_S = 2.0
+STREAM_STATS_EVERY = 10  # student steps between logit-stream statistics
 
 
 def wait_for_teachers(teacher_dirs: dict[str, Path], timeout_s: float) -> None:
@@ -178,9 +179,11 @@ def train_student(cfg: RunConfig, prepared: Prepared, ds_config: dict, group: Tr
                 for k, t in enumerate(teachers):
                     logs[f"student/teacher_weight/{t}"].append(loss.weights[:, k].mean().item())
         monitor.scalars({tag: float(np.mean(v)) for tag, v in logs.items()}, state.global_step)
-        stats = reader.stats()
-        monitor.scalars({"stream/lookahead_shards": stats.lookahead_shards, "stream/wait_seconds": stats.wait_seconds,
-                         "stream/bytes_on_disk": stats.bytes_on_disk}, state.global_step)
+        if state.global_step % STREAM_STATS_EVERY == 0:  # lists the store: not on every step
+            stats = reader.stats()
+            monitor.scalars({"stream/lookahead_shards": stats.lookahead_shards,
+                             "stream/wait_seconds": stats.wait_seconds,
+                             "stream/bytes_on_disk": stats.bytes_on_disk}, state.global_step)
         monitor.throughput(len(shard.feature_ids), state.global_step)
 
     def end_of_epoch(epoch: int, state: LoopState) -> None:

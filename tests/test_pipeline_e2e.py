@@ -1,0 +1,130 @@
+"""The main job end to end, as users run it: the deepspeed launcher with 2 CPU ranks runs
+the embedded demo (branch teachers, streamed distillation, evaluation) into a temporary
+run directory; then the outputs are checked: the student beats the mean of its teachers
+and an untrained model by far, every model loads in Hugging Face, TensorBoard holds the
+per-branch tags, and rerunning the command redoes no finished stage."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+LANGUAGES = ("en", "es", "de")
+
+
+def launch(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "MASTER_PORT": str(29600 + os.getpid() % 1000)}
+    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
+               "--master_port", env["MASTER_PORT"], "dist_xqa/train.py",
+               "--deepspeed", "ds_configs/zero2.json", f"run_dir={run_dir}", *overrides]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def tensorboard_tags(tb_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in tb_dir.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    return tags
+
+
+def untrained_f1(run_dir: Path) -> float:
+    """Pooled test F1 of the student's architecture before any training."""
+    from dist_xqa.config import load_config
+    from dist_xqa.evaluate import postprocess, score
+    from dist_xqa.inference import predict_logits
+    from dist_xqa.models import build_model
+    from dist_xqa.prepare import TEST_SET, Prepared
+
+    cfg = load_config(None, [f"run_dir={run_dir}"])
+    prepared = Prepared(run_dir)
+    features, examples = prepared.features(TEST_SET), prepared.examples(TEST_SET)
+    model = build_model(cfg.model, prepared.tokenizer(), seed=cfg.seed + 1)
+    start, end = predict_logits(model, features, 64, torch.device("cpu"))
+    preds = postprocess(features, start, end, examples, cfg.eval.n_best, cfg.eval.max_answer_length)
+    return score(examples, preds, cfg.data.normalization)["pooled"]["f1"]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_two_cpu_ranks(tmp_path):
+    run_dir = tmp_path / "demo"
+    first = launch(run_dir)
+
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert set(summary) == {"student", *(f"teacher_{lang}" for lang in LANGUAGES)}
+    f1 = {name: report["pooled"]["f1"] for name, report in summary.items()}
+    teachers_mean = sum(f1[f"teacher_{lang}"] for lang in LANGUAGES) / len(LANGUAGES)
+    baseline = untrained_f1(run_dir)
+    assert f1["student"] >= teachers_mean, f1
+    assert f1["student"] >= baseline + 10 and f1["student"] >= 3 * baseline, (f1, baseline)
+    student = summary["student"]
+    assert set(student["per_language"]) == set(LANGUAGES)
+    assert {"xlt", "g_xlt", "matrix"} <= set(student)
+    assert "student" in first.stdout and "G-XLT" in first.stdout, "the EM/F1 table is printed"
+
+    # Every model is a Hugging Face model with its tokenizer.
+    from transformers import AutoModelForQuestionAnswering, pipeline
+
+    for model_dir in [run_dir / "student", *(run_dir / "teachers" / lang for lang in LANGUAGES)]:
+        AutoModelForQuestionAnswering.from_pretrained(model_dir)
+    qa = pipeline("question-answering", model=str(run_dir / "student"), tokenizer=str(run_dir / "student"))
+    answer = qa(question="Who worked as a carpenter?",
+                context="Anna Kramer worked as a carpenter. David Weber worked as an engineer.")
+    assert answer["answer"].strip() and answer["start"] < answer["end"]
+
+    tags = tensorboard_tags(run_dir / "tb")
+    expected = {"student/nll", "student/kd", "samples_per_second", "stream/lookahead_shards",
+                "stream/wait_seconds", "stream/bytes_on_disk"}
+    for lang in LANGUAGES:
+        expected |= {f"teacher/{lang}/loss", f"student/kd_by_branch/{lang}", f"student/teacher_weight/{lang}",
+                     f"eval/student/{lang}/f1", f"eval/teacher_{lang}/{lang}/em"}
+    assert expected <= tags, sorted(expected - tags)
+    assert (run_dir / "config.yaml").exists() and (run_dir / "logs" / "rank0.log").exists()
+
+    # A finished run is not redone: the same command again only re-reads the results.
+    stamps = {p: p.stat().st_mtime_ns for p in [run_dir / "student" / "model.safetensors",
+                                                 run_dir / "eval" / "student.json"]}
+    launch(run_dir)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+QUICK = ("data.demo_articles=12", "model.max_length=96", "model.doc_stride=32", "teacher.epochs=1",
+         "student.epochs=1", "distill.lookahead_shards=2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides,models", [
+    (("strategy.name=zero_shot",), ["model_zero_shot"]),
+    (("strategy.name=translate_train", "strategy.translate_train=per_language"),
+     [f"model_translate_train_{lang}" for lang in LANGUAGES]),
+    (("strategy.name=translate_train",), ["model_translate_train"]),
+    (("strategy.name=mixmrc",), ["model_mixmrc"]),
+    (("strategy.teachers=[en,es]", "distill.aggregation=hyper", "distill.imp_sign=1"),
+     ["teacher_en", "teacher_es", "student"]),
+    (("strategy.teacher_data=mixmrc",), ["teacher_mix", "student"]),
+], ids=["zero_shot", "translate_train_per_language", "translate_train_union", "mixmrc",
+        "teacher_subset_hyper", "with_mix_teachers"])
+def test_every_strategy_runs_and_is_evaluated(tmp_path, overrides, models):
+    """The baselines and the teacher ablations of the paper run through the same entry
+    point (a few steps each) and are scored on every language pair of the test split."""
+    run_dir = tmp_path / "run"
+    launch(run_dir, *QUICK, *overrides)
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert sorted(summary) == sorted(models)
+    for report in summary.values():
+        assert len(report["matrix"]["f1"]) == len(LANGUAGES) and set(report["per_language"]) == set(LANGUAGES)
+    if "student" in models:
+        manifest = json.loads((run_dir / "logits" / "manifest.json").read_text())
+        assert sorted(manifest["teachers"]) == sorted(m[len("teacher_"):] for m in models if m != "student")
