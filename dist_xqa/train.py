@@ -58,7 +58,7 @@ def run(cfg: RunConfig, ds_config: dict, stage: str) -> None:
     from dist_xqa.distributed import init_distributed, make_groups
     from dist_xqa.prepare import phase1_jobs, prepare, Prepared
     from dist_xqa.roles.evaluator import evaluate_all
-    from dist_xqa.roles.finetune import train_job
+    from dist_xqa.roles.finetune import output_dir, train_job
     from dist_xqa.roles.plan import plan_roles
     from dist_xqa.roles.student import run_phase2
 
@@ -94,7 +94,12 @@ def run(cfg: RunConfig, ds_config: dict, stage: str) -> None:
     if distill and stage in ("distill", "all"):
         run_phase2(cfg, prepared, ds_config, plan, groups, device)
     if stage in ("evaluate", "all"):
-        evaluate_all(cfg, prepared, device)
+        # Every model this run makes, the same list on every rank (ranks that finished their
+        # part early wait for the others' models); `--stage evaluate` scores the finished ones.
+        model_dirs = [output_dir(cfg, job) for job in jobs] + ([cfg.run_path / "student"] if distill else [])
+        if stage == "evaluate":
+            model_dirs = [d for d in model_dirs if (d / "DONE.json").exists()]
+        evaluate_all(cfg, prepared, device, model_dirs)
 
 
 def main(argv: list[str] | None = None) -> None:

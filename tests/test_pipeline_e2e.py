@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,12 +21,23 @@ ROOT = Path(__file__).resolve().parents[1]
 LANGUAGES = ("en", "es", "de")
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_command(run_dir: Path, *overrides: str) -> tuple[list[str], dict[str, str]]:
+    """The README's main-job command on 2 CPU ranks, into `run_dir`."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    command = [str(bin_dir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+               "dist_xqa/train.py", "--deepspeed", "ds_configs/zero2.json", f"run_dir={run_dir}", *overrides]
+    return command, env
+
+
 def launch(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "MASTER_PORT": str(29600 + os.getpid() % 1000)}
-    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
-               "--master_port", env["MASTER_PORT"], "dist_xqa/train.py",
-               "--deepspeed", "ds_configs/zero2.json", f"run_dir={run_dir}", *overrides]
+    command, env = train_command(run_dir, *overrides)
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     return result
@@ -128,3 +142,30 @@ def test_every_strategy_runs_and_is_evaluated(tmp_path, overrides, models):
     if "student" in models:
         manifest = json.loads((run_dir / "logits" / "manifest.json").read_text())
         assert sorted(manifest["teachers"]) == sorted(m[len("teacher_"):] for m in models if m != "student")
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_latest_checkpoint(tmp_path):
+    """The whole job is killed (every rank, no clean-up) once the student has saved a
+    checkpoint; the same command then resumes the student from it and finishes."""
+    run_dir = tmp_path / "run"
+    overrides = (*QUICK, "student.epochs=2", "checkpoint_every=3")
+    command, env = train_command(run_dir, *overrides)
+    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    latest = run_dir / "checkpoints" / "student" / "latest"
+    deadline = time.monotonic() + 900
+    while not latest.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert latest.exists(), "the student never checkpointed"
+    assert not (run_dir / "student" / "DONE.json").exists(), "killed too late: the student had finished"
+
+    launch(run_dir, *overrides)
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "student: resumed from" in log
+    assert all(f"{lang}: resumed" not in log for lang in LANGUAGES), "finished teachers are not retrained"
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert json.loads((run_dir / "student" / "DONE.json").read_text())["epochs"] == 2
+    assert "student" in summary

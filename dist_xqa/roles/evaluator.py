@@ -26,15 +26,10 @@ from dist_xqa.roles.loop import write_json
 log = logging.getLogger(__name__)
 
 
-def trained_models(run_dir: Path) -> list[tuple[str, Path]]:
-    """(name, directory) of every finished model, in a stable order."""
-    found = []
-    for sub in ("teachers", "models"):
-        for path in sorted((run_dir / sub).glob("*/DONE.json")):
-            found.append((f"{sub[:-1]}_{path.parent.name}", path.parent))
-    if (run_dir / "student" / "DONE.json").exists():
-        found.append(("student", run_dir / "student"))
-    return found
+def model_name(model_dir: Path) -> str:
+    """The name a model's results go under: teacher_<lang>, model_<baseline> or student."""
+    parent = model_dir.parent.name
+    return f"{parent[:-1]}_{model_dir.name}" if parent in ("teachers", "models") else model_dir.name
 
 
 def evaluate_model(model_dir: Path, cfg: RunConfig, prepared: Prepared, device: torch.device) -> dict:
@@ -48,6 +43,14 @@ def evaluate_model(model_dir: Path, cfg: RunConfig, prepared: Prepared, device: 
     report["split"] = "test"
     report["predictions"] = {"|".join(k): v for k, v in preds.items()}
     return report
+
+
+def wait_for_files(paths: list[Path], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while missing := [str(p) for p in paths if not p.exists()]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} after {timeout_s:.0f} s: {missing}")
+        time.sleep(1.0)
 
 
 def format_table(reports: dict[str, dict], languages: list[str]) -> str:
@@ -65,23 +68,23 @@ def format_table(reports: dict[str, dict], languages: list[str]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_all(cfg: RunConfig, prepared: Prepared, device: torch.device, timeout_s: float = 3600) -> None:
+def evaluate_all(cfg: RunConfig, prepared: Prepared, device: torch.device, model_dirs: list[Path],
+                 timeout_s: float = 3600) -> None:
+    """Scores `model_dirs` (model i on rank i mod N); a rank waits for a model of its own
+    until its DONE.json is there, since other ranks may still be training it."""
     rank, world = dist.get_rank(), dist.get_world_size()
     eval_dir = cfg.run_path / "eval"
-    models = trained_models(cfg.run_path)
+    models = [(model_name(d), d) for d in model_dirs]
     for i, (name, model_dir) in enumerate(models):
+        if i % world != rank:
+            continue
+        wait_for_files([model_dir / "DONE.json"], timeout_s, f"model {name} never finished")
         out = eval_dir / f"{name}.json"
-        stale = out.exists() and out.stat().st_mtime < (model_dir / "DONE.json").stat().st_mtime
-        if i % world == rank and (not out.exists() or stale):
+        if not out.exists() or out.stat().st_mtime < (model_dir / "DONE.json").stat().st_mtime:
             write_json(out, evaluate_model(model_dir, cfg, prepared, device))
     if rank != 0:
         return
-    deadline = time.monotonic() + timeout_s
-    while not all((eval_dir / f"{name}.json").exists() for name, _ in models):
-        if time.monotonic() > deadline:
-            missing = [n for n, _ in models if not (eval_dir / f"{n}.json").exists()]
-            raise TimeoutError(f"evaluation results missing after {timeout_s:.0f} s: {missing}")
-        time.sleep(1.0)
+    wait_for_files([eval_dir / f"{name}.json" for name, _ in models], timeout_s, "evaluation results missing")
     reports = {name: json.loads((eval_dir / f"{name}.json").read_text()) for name, _ in models}
     monitor = Monitor(cfg.run_path, "eval", enabled=True)
     for name, rep in reports.items():

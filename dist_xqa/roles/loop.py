@@ -9,6 +9,7 @@ collectives on the group's process group only, never on the world.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from tqdm.auto import tqdm
 from dist_xqa.distributed import TrainingGroup, group_scope
 from dist_xqa.inference import predict_logits
 from dist_xqa.logits.order import rank_rows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,7 +57,10 @@ class GroupLoop:
         with group_scope(self.group):
             _, client = self.engine.load_checkpoint(str(self.ckpt_dir), load_optimizer_states=True,
                                                     load_lr_scheduler_states=True)
-        return LoopState(**client["loop"]) if client and "loop" in client else LoopState()
+        state = LoopState(**client["loop"]) if client and "loop" in client else LoopState()
+        log.info("%s: resumed from %s at epoch %d step %d (global step %d)", self.desc, self.ckpt_dir,
+                 state.epoch + 1, state.step_in_epoch, state.global_step)
+        return state
 
     def save(self, state: LoopState) -> None:
         with group_scope(self.group):  # DeepSpeed's barriers must stay inside the group
