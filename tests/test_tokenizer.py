@@ -85,3 +85,14 @@ def test_a_teacher_saved_with_another_tokenizer_is_refused(tmp_path):
     check_teacher_tokenizers({"en": tmp_path / "same"}, run)
     with pytest.raises(ValueError, match=r"(?s)teacher .de. \(.*other\).*vocab_hash"):
         check_teacher_tokenizers({"en": tmp_path / "same", "de": tmp_path / "other"}, run)
+
+
+def test_same_texts_same_tokenizer_frequent_words_whole(tmp_path):
+    texts = TEXTS + ["Anna Anna Anna Keller"]
+    train_tokenizer(texts, tmp_path / "a", vocab_size=130)
+    train_tokenizer(texts, tmp_path / "b", vocab_size=130)
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "a"))
+    assert len(tok) == 130  # capped: characters first, then the most frequent words
+    assert tok.tokenize("Anna") == ["Anna"]  # the most frequent word is one token
+    assert tok.tokenize("Annae") == ["Anna", "##e"]  # a rarer word: longest known prefix, then pieces

@@ -1,4 +1,4 @@
-"""A tiny BERT-style WordPiece tokenizer trained on the fly (tests and the demo).
+"""A tiny BERT-style WordPiece tokenizer built on the fly from a corpus (tests and the demo).
 
 Cased, accents kept: the demo's answers are names, cities and German nouns whose capital
 letter is the cheapest cue a tiny model has for "this is an entity", and accents tell words
@@ -13,10 +13,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, [PAD] = 0 as BertConfig expects
@@ -25,21 +26,32 @@ TRAINING_FILE = "dist_xqa_tokenizer.json"  # the training parameters, beside the
 
 def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 2000,
                     model_max_length: int = 512) -> PreTrainedTokenizerFast:
-    """Trains a WordPiece tokenizer on `texts` and saves it in Hugging Face format in
+    """Builds a WordPiece tokenizer from `texts` and saves it in Hugging Face format in
     `out_dir` (loadable with AutoTokenizer.from_pretrained as a fast tokenizer).
 
     BERT's pipeline: clean text, CJK characters as single tokens, split on whitespace and
     punctuation, "##" continuation pieces; encodes a pair as [CLS] A [SEP] B [SEP] with
-    token type ids 0/1. The vocabulary holds at most `vocab_size` tokens (fewer when the
-    texts are small); size a model with `len(tokenizer)`."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(
+    token type ids 0/1. The vocabulary: the special tokens, every character of the texts
+    (alone and as a "##" continuation, so nothing is unknown), then the most frequent
+    words whole (ties alphabetical) up to `vocab_size` tokens; a rarer word is spelled out
+    from its longest known prefix. Unlike the `tokenizers` WordPiece trainer, whose ties
+    fall in hash order, the same texts always give the same tokenizer, so a run is
+    reproducible. Size a model with `len(tokenizer)`."""
+    normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=False)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    for text in texts:
+        words.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({char for word in words for char in word})
+    base = [*SPECIAL_TOKENS, *chars, *(f"##{char}" for char in chars)]
+    whole = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
+    vocab = base + whole[:max(0, vocab_size - len(base))]
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]",
+                                           continuing_subword_prefix="##"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                        continuing_subword_prefix="##")
-    tokenizer.train_from_iterator(texts, trainer=trainer)
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
