@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -169,3 +170,40 @@ def test_a_killed_run_resumes_from_its_latest_checkpoint(tmp_path):
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     assert json.loads((run_dir / "student" / "DONE.json").read_text())["epochs"] == 2
     assert "student" in summary
+
+
+def slurm_is_up() -> bool:
+    if shutil.which("sbatch") is None:
+        return False
+    return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "mpirun", "sbatch"])
+def test_the_entry_point_runs_under_every_launcher(tmp_path, launcher):
+    """torchrun, mpirun and Slurm (the README's sbatch script) start the same world of 2
+    ranks, each with another ZeRO stage."""
+    run_dir = tmp_path / "run"
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "MASTER_PORT": str(free_port())}
+    args = [f"run_dir={run_dir}", *QUICK]
+    if launcher == "torchrun":
+        command = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", env["MASTER_PORT"],
+                   "dist_xqa/train.py", "--deepspeed", "ds_configs/zero1.json", *args]
+    elif launcher == "mpirun":
+        if shutil.which("mpirun") is None:
+            pytest.skip("OpenMPI is not installed")
+        command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PATH", "-x",
+                   "DS_ACCELERATOR", "-x", "MASTER_PORT", sys.executable, "dist_xqa/train.py",
+                   "--deepspeed", "ds_configs/zero3.json", *args]
+    else:
+        if not slurm_is_up():
+            pytest.skip("no Slurm cluster here")
+        env["DS_CONFIG"] = "ds_configs/zero2_offload.json"
+        command = ["sbatch", "--wait", f"--output={tmp_path}/slurm-%j.out", "slurm/train_lbmrc.sh", *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert sorted(summary) == ["student", *(f"teacher_{lang}" for lang in sorted(LANGUAGES))]
+    assert "role plan: 2 rank(s)" in (run_dir / "logs" / "rank0.log").read_text()
