@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from dist_xqa.inference import predict_logits
 from dist_xqa.models import load_trained
 from dist_xqa.monitor import Monitor
 from dist_xqa.prepare import TEST_SET, Prepared
-from dist_xqa.roles.loop import write_json
+from dist_xqa.logits.files import wait_for_files, write_json
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +42,6 @@ def evaluate_model(model_dir: Path, cfg: RunConfig, prepared: Prepared, device: 
     report["split"] = "test"
     report["predictions"] = {"|".join(k): v for k, v in preds.items()}
     return report
-
-
-def wait_for_files(paths: list[Path], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while missing := [str(p) for p in paths if not p.exists()]:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} after {timeout_s:.0f} s: {missing}")
-        time.sleep(1.0)
 
 
 def format_table(reports: dict[str, dict], languages: list[str]) -> str:

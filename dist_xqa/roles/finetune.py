@@ -24,7 +24,8 @@ from dist_xqa.losses import span_nll
 from dist_xqa.models import build_model, save_hf
 from dist_xqa.monitor import Monitor
 from dist_xqa.prepare import Job, Prepared
-from dist_xqa.roles.loop import GroupLoop, LoopState, full_state_dict, group_predict, rank_slice, write_json
+from dist_xqa.logits.files import write_json
+from dist_xqa.roles.loop import GroupLoop, LoopState, full_state_dict, group_predict, rank_slice
 
 log = logging.getLogger(__name__)
 LABELS = ("answer_mask", "start_positions", "end_positions")

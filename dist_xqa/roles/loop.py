@@ -8,7 +8,6 @@ collectives on the group's process group only, never on the world.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -122,11 +121,3 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write JSON atomically (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    tmp.replace(path)

@@ -22,12 +22,13 @@ import torch.distributed as dist
 
 from dist_xqa import kernels
 from dist_xqa.config import RunConfig
+from dist_xqa.data.features import TokenizerSettings
 from dist_xqa.distributed import TrainingGroup, build_engine, release_engine
 from dist_xqa.inference import model_inputs, predict_logits
 from dist_xqa.logits import Manifest, Producer, ShardPlan, StoreReader, hash_checkpoint
+from dist_xqa.logits.files import wait_for_files
 from dist_xqa.logits.order import rank_rows
 from dist_xqa.losses import student_loss
-from dist_xqa.data.features import TokenizerSettings
 from dist_xqa.models import build_model, load_tokenizer, load_trained
 from dist_xqa.monitor import Monitor
 from dist_xqa.prepare import DISTILL_SET, Prepared
@@ -38,16 +39,6 @@ from dist_xqa.roles.plan import RolePlan
 log = logging.getLogger(__name__)
 TEACHER_WAIT_POLL_S = 2.0
 STREAM_STATS_EVERY = 10  # student steps between logit-stream statistics
-
-
-def wait_for_teachers(teacher_dirs: dict[str, Path], timeout_s: float) -> None:
-    """Phase 1 and 2 meet through files: block until every teacher is saved."""
-    deadline = time.monotonic() + timeout_s
-    while missing := [t for t, d in teacher_dirs.items() if not (d / "DONE.json").exists()]:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"teacher(s) {missing} not finished after {timeout_s:.0f} s "
-                               f"(no DONE.json in {[str(teacher_dirs[t]) for t in missing]})")
-        time.sleep(TEACHER_WAIT_POLL_S)
 
 
 def check_teacher_tokenizers(teacher_dirs: dict[str, Path], settings: TokenizerSettings) -> None:
@@ -90,7 +81,9 @@ def run_phase2(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePl
     rank = dist.get_rank()
     teachers = list(plan.teachers)
     teacher_dirs = {t: cfg.run_path / "teachers" / t for t in teachers}
-    wait_for_teachers(teacher_dirs, cfg.distill.wait_timeout_s * 4)
+    # Phase 1 and 2 meet through files: every teacher must be saved.
+    wait_for_files([d / "DONE.json" for d in teacher_dirs.values()], cfg.distill.wait_timeout_s * 4,
+                   "teachers not finished (no DONE.json)", poll_s=TEACHER_WAIT_POLL_S)
     check_teacher_tokenizers(teacher_dirs, prepared.settings)
 
     scfg = cfg.student
