@@ -502,3 +502,19 @@ def test_several_producers_of_one_teacher_split_its_shards(tmp_path):
                                                                           "heartbeat.1of2.json"}
     with pytest.raises(ValueError, match="part 2 of 2"):
         Producer(tmp_path, "en", plan, parts[0], lookahead=4, epochs=2, manifest=manifest, part=(2, 2))
+
+
+def test_no_wait_is_counted_while_the_store_is_ahead(tmp_path):
+    plan = ShardPlan(range(40), shard_size=4, seed=3)
+    manifest = make_manifest(plan)
+    producers = [Producer(tmp_path, t, plan, CountingCompute(k), 2, 1, manifest=manifest) for k, t in enumerate(TEACHERS)]
+    reader = StoreReader(tmp_path, list(TEACHERS), plan, manifest, 5.0, "window", lookahead=2)
+    reader.get(0, 0, while_waiting=lambda: sum(p.step() for p in producers) > 0)  # the store starts empty
+    waited = reader.stats().wait_seconds
+    assert waited > 0
+    for position in range(1, len(plan)):
+        while sum(p.step() for p in producers):  # the producers fill the window first
+            pass
+        reader.get(0, position)
+        reader.commit_progress(0, position)
+    assert reader.stats().wait_seconds == waited

@@ -101,6 +101,7 @@ class StoreReader:
         reported = not self.writer
         began = time.monotonic()
         deadline, backoff = began + self.timeout_s, _FIRST_BACKOFF_S
+        waiting_since = None  # wait time counts from the first check that found a file missing
         try:
             while True:
                 missing = self._missing(shard)
@@ -112,6 +113,7 @@ class StoreReader:
                 if not missing:
                     break
                 now = time.monotonic()
+                waiting_since = waiting_since or now
                 if now >= deadline:
                     raise StoreTimeout(self._timeout_message(epoch, position, shard, missing))
                 if while_waiting is not None and while_waiting():
@@ -119,7 +121,8 @@ class StoreReader:
                 time.sleep(min(backoff, deadline - now))
                 backoff = min(2 * backoff, _MAX_BACKOFF_S)
         finally:
-            self._wait_seconds += time.monotonic() - began
+            if waiting_since is not None:
+                self._wait_seconds += time.monotonic() - waiting_since
         expected = self.plan.features(shard)
         shards = [read_shard(shard_path(self.store, t, shard), expected, self.manifest.torch_dtype) for t in self.teachers]
         lengths = {t: data.start.shape[1] for t, data in zip(self.teachers, shards)}
