@@ -15,10 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-# With CUDA the kernels are compiled for it; without, they run through the interpreter.
+# With CUDA the kernels are compiled for it; without, they run through the interpreter
+# (chosen in tests/conftest.py before anything imports triton).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Without CUDA, tests/conftest.py has chosen triton's interpreter before anything imported it.
+
 from dist_xqa import kernels
+from test_kernel_kd import autograd_nodes
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 
@@ -150,19 +152,6 @@ def test_non_contiguous_inputs():
     assert_grads_close(grads, ref_grads, **FP32)
 
 
-def _autograd_nodes(tensor):
-    """Names of every node in the autograd graph behind `tensor`."""
-    # Visited by node, not by name: two distinct nodes of the same kind (two WhereBackward0)
-    # both lead somewhere.
-    seen, stack = set(), [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            stack.extend(next_node for next_node, _ in node.next_functions)
-    return {node.name() for node in seen}
-
-
 def test_env_var_forces_the_path(monkeypatch):
     h_t, h_s, t_mask, s_mask = make_case(2, 5, 6, 20)
     losses = {}
@@ -170,11 +159,11 @@ def test_env_var_forces_the_path(monkeypatch):
         monkeypatch.setenv(kernels.ENV_VAR, impl)
         losses[impl] = kernels.alignment_entropy(h_t, h_s, t_mask, s_mask)
     torch.testing.assert_close(losses["triton"], losses["reference"], **FP32)
-    assert "_AlignmentRowEntropyBackward" in _autograd_nodes(losses["triton"])
-    assert "_AlignmentRowEntropyBackward" not in _autograd_nodes(losses["reference"])
+    assert "_AlignmentRowEntropyBackward" in autograd_nodes(losses["triton"])
+    assert "_AlignmentRowEntropyBackward" not in autograd_nodes(losses["reference"])
     monkeypatch.delenv(kernels.ENV_VAR)
     auto = kernels.alignment_entropy(h_t, h_s, t_mask, s_mask)  # CUDA: Triton, else reference
-    fused = "_AlignmentRowEntropyBackward" in _autograd_nodes(auto)
+    fused = "_AlignmentRowEntropyBackward" in autograd_nodes(auto)
     assert fused == (DEVICE == "cuda")
 
 

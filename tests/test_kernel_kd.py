@@ -16,9 +16,10 @@ import math
 import pytest
 import torch
 
-# With CUDA the kernels are compiled for it; without, they run through the interpreter.
+# With CUDA the kernels are compiled for it; without, they run through the interpreter
+# (chosen in tests/conftest.py before anything imports triton).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Without CUDA, tests/conftest.py has chosen triton's interpreter before anything imported it.
+
 from dist_xqa import kernels, losses
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
@@ -222,7 +223,7 @@ def test_dispatch_rules(monkeypatch):
         kernels.select_impl(cpu, "triton")
 
 
-def _autograd_nodes(tensor):
+def autograd_nodes(tensor):
     """Names of every node in the autograd graph behind `tensor`."""
     # Visited by node, not by name: two distinct nodes of the same kind (two WhereBackward0)
     # both lead somewhere.
@@ -242,8 +243,8 @@ def test_env_var_forces_the_path(monkeypatch):
         monkeypatch.setenv(kernels.ENV_VAR, impl)
         results[impl] = kernels.entropy_weighted_kd(student, teachers, mask)[0]
     torch.testing.assert_close(results["triton"], results["reference"], **FP32)
-    assert "_KDRowLossesBackward" in _autograd_nodes(results["triton"])
-    assert "_KDRowLossesBackward" not in _autograd_nodes(results["reference"])
+    assert "_KDRowLossesBackward" in autograd_nodes(results["triton"])
+    assert "_KDRowLossesBackward" not in autograd_nodes(results["reference"])
 
 
 # --- heavier shapes and GPU-only checks ------------------------------------------------------

@@ -28,11 +28,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+BIN = Path(sys.executable).parent  # the venv's launchers and ninja come first on PATH
+
+
+def cpu_env() -> dict[str, str]:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{BIN}:{os.environ['PATH']}",
+            "MASTER_PORT": str(free_port())}
+
+
 def train_command(run_dir: Path, *overrides: str) -> tuple[list[str], dict[str, str]]:
     """The README's main-job command on 2 CPU ranks, into `run_dir`."""
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    command = [str(bin_dir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+    env = cpu_env()
+    command = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", env["MASTER_PORT"],
                "dist_xqa/train.py", "--deepspeed", "ds_configs/zero2.json", f"run_dir={run_dir}", *overrides]
     return command, env
 
@@ -184,12 +191,10 @@ def test_the_entry_point_runs_under_every_launcher(tmp_path, launcher):
     """torchrun, mpirun and Slurm (the README's sbatch script) start the same world of 2
     ranks, each with another ZeRO stage."""
     run_dir = tmp_path / "run"
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{bin_dir}:{os.environ['PATH']}",
-           "MASTER_PORT": str(free_port())}
+    env = cpu_env()
     args = [f"run_dir={run_dir}", *QUICK]
     if launcher == "torchrun":
-        command = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", env["MASTER_PORT"],
+        command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", env["MASTER_PORT"],
                    "dist_xqa/train.py", "--deepspeed", "ds_configs/zero1.json", *args]
     elif launcher == "mpirun":
         if shutil.which("mpirun") is None:
