@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                           manifest=manifest, part=(p.ranks.index(rank), len(p.ranks)))
                  for p in plan.producers if rank in p.ranks]
     barrier()  # the manifest exists before any reader looks
-    reader = StoreReader(store, teacher_names, shard_plan, manifest, timeout_s=60.0, mode="window",
+    reader = StoreReader(store, teacher_names, shard_plan, manifest, stall_timeout_s=60.0, mode="window",
                          lookahead=args.lookahead, writer=group.rank == 0)
 
     engine = build_engine(qa_model(args, seed=args.seed + 1), load_ds_config(args.ds_config), group,

@@ -15,10 +15,12 @@ from typing import Any
 
 import yaml
 
+from dist_xqa.eval.metrics import NORMALIZATIONS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
-STRATEGIES = ("lbmrc", "zero_shot", "translate_train", "mixmrc")
+STRATEGIES = ("lbmrc", "zero_shot", "translate_train", "mixmrc", "xsta", "skd")
 
 
 class ConfigError(ValueError):
@@ -26,17 +28,68 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class DataConfig:
-    source: str = "demo"  # "demo" (generated into the run directory) or "squad" (files in `folder`)
-    folder: str | None = None  # one SQuAD v1.1 file per language, matched by `pattern`
+class TrainCorpusConfig:
+    """`data.train`: the parallel training corpus, one SQuAD v1.1 / JSON Lines file per
+    language, aligned by question id (an id some files lack stays in the pairs of the
+    files that have it)."""
+
+    folder: str | None = None  # required for data.source squad; the demo generates its own
     pattern: str = "*.{lang}.json"
     languages: list[str] = field(default_factory=lambda: ["en", "es", "de"])
-    source_lang: str = "en"  # the language the others were translated from
-    # Languages only evaluated, never trained on (zero-shot condition), e.g. [ar, hi, vi].
-    eval_only_languages: list[str] = field(default_factory=list)
-    # Article index ranges [start, stop) per split; null = 70/10/20 by article.
+    # Article index ranges [start, stop) per split (train, dev, test). Articles in no
+    # range are not used. null: 70/10/20 % of articles when there is no data.test
+    # (the test split is the test set), else 90/10 (train/dev), or all train when
+    # data.dev is a separate corpus.
     split: dict[str, list[int]] | None = None
-    normalization: str = "squad"  # squad | mlqa (how EM/F1 normalise answers)
+
+
+@dataclass
+class DevCorpusConfig:
+    """`data.dev`: a separate parallel corpus for model selection (e.g. SQuAD dev and its
+    translations); each job's dev set is built from it with the job's own builder."""
+
+    folder: str | None = None
+    pattern: str = "*.{lang}.json"
+    languages: list[str] = field(default_factory=list)
+    articles: list[int] | None = None  # [start, stop): only these articles (null: all)
+
+
+TEST_FORMATS = ("parallel", "mlqa")
+MLQA_PATTERN = "test-context-{context}-question-{question}.json"
+
+
+@dataclass
+class EvalSetConfig:
+    """One entry of `data.test`: a named evaluation corpus, scored on every question of
+    its files as the official scripts score a prediction file."""
+
+    name: str = ""
+    folder: str | None = None
+    # parallel: one file per language, "{lang}" filled in (default "*.{lang}.json");
+    # mlqa: one file per pair, "{context}" and "{question}" filled in (default MLQA's
+    # test-context-{context}-question-{question}.json).
+    pattern: str | None = None
+    languages: list[str] = field(default_factory=list)
+    normalization: str = "squad"  # squad (XQuAD, TyDiQA) | mlqa (MLQA, by the context language)
+    format: str = "parallel"  # parallel (every question x passage pair) | mlqa (each file on its own)
+    articles: list[int] | None = None  # parallel only: [start, stop) article range (null: all)
+
+    @property
+    def file_pattern(self) -> str:
+        if self.pattern:
+            return self.pattern
+        return MLQA_PATTERN if self.format == "mlqa" else "*.{lang}.json"
+
+
+@dataclass
+class DataConfig:
+    source: str = "demo"  # "demo" (generated into the run directory) or "squad" (data.train.folder)
+    train: TrainCorpusConfig = field(default_factory=TrainCorpusConfig)
+    dev: DevCorpusConfig | None = None  # null: the split.dev articles of data.train
+    # Named test sets; empty: the split.test articles of data.train are the one test set.
+    test: list[EvalSetConfig] = field(default_factory=list)
+    source_lang: str = "en"  # the language the others were translated from
+    normalization: str = "squad"  # squad | mlqa: how dev EM/F1 (model selection) normalise answers
     demo_articles: int = 60
     demo_noise: float | None = None  # null = the demo's documented default
     max_train_examples: int | None = None  # cap per built training set (quick runs)
@@ -72,6 +125,9 @@ class TrainConfig:
     micro_batch_size: int = 16
     grad_accum: int = 1
     weight_decay: float = 0.005
+    # Linear warmup over this fraction of the optimizer steps, then linear decay to 0
+    # (DeepSpeed's WarmupDecayLR in the engine).
+    warmup_ratio: float = 0.1
 
 
 @dataclass
@@ -86,7 +142,72 @@ class DistillConfig:
     store_mode: str = "window"  # window (bounded disk) | cache (keep shards for later epochs)
     disk_budget_gb: float = 10.0  # cache mode: above it, fall back to window deletion
     logits_dtype: str = "float16"  # float16 | bfloat16
-    wait_timeout_s: float = 900.0
+    # Store each teacher logit row as its top k logits, their positions and the log-sum-exp
+    # of the rest (4k + 4 bytes a row instead of 2L); null: dense. See benchmarks/RESULTS.md.
+    store_topk: int | None = None
+
+
+@dataclass
+class XstaConfig:
+    """`strategy.xsta`: X-STA (Cao et al. 2023). Defaults are the paper's unless marked."""
+
+    # The source side of every training pair (the target side: every training language,
+    # the source's own included: S = T pairs are part of training). null: data.source_lang
+    # (the paper: English).
+    source_lang: str | None = None
+    # Encoder layer (counted from 1) where the target attends to the source. null: two thirds
+    # of the depth, rounded (the paper: 8 of 12).
+    share_layer: int | None = None
+    gdks: bool = True  # gradient-disentangled sharing; false: plain cross-attention ("w/o GDKS")
+    lambda0: float = 0.3  # lambda = w * lambda0 + b, w and b trainable from 1 and 0 (paper)
+    # Which attention lambda weighs: self (the paper: (1 - lambda) cross + lambda self) or
+    # cross (the public code alibaba/EasyNLP X-STA: lambda cross + (1 - lambda) self).
+    mix_on: str = "self"
+    alpha: float = 0.2  # alpha * MRC_src + (1 - alpha) * MRC_tgt (paper)
+    gamma: float = 0.1  # teacher-guided calibration loss weight (paper); 0: "w/o calibration"
+    # At inference average (p_T|S + p_T) / 2 when the test example's source-language version
+    # exists; false: p_T alone ("calibration off at inference").
+    calibrate_at_inference: bool = True
+    # Normalise the final states the calibration attention reads with batch token statistics
+    # (padding excluded; running statistics at inference); false: "w/o normalisation".
+    normalize: bool = True
+    norm_eps: float = 1e-8  # (paper)
+    sentence_weight: float = 0.05  # sentence-level InfoNCE (paper); 0: "w/o sentence alignment"
+    infonce_tau: float = 0.05  # InfoNCE temperature on cosine similarities (paper)
+    token_weight: float = 0.05  # token-level alignment entropy (paper); 0: "w/o token alignment"
+    # masked: mean over real target tokens (paper); pair: padding rows included plus the
+    # transposed source-to-target term (public code).
+    alignment: str = "masked"
+
+
+@dataclass
+class SkdConfig:
+    """`strategy.skd`: self-knowledge distillation with mAP@k (Carrino et al. 2023).
+    Defaults are the paper's; "public code" is ccasimiro88/self-distillation-gxlt-qa."""
+
+    # Phase 1: fine-tune on the source language alone, with the teacher.* section (epochs,
+    # lr, batch; the public code: 2 epochs, lr 3e-5, batch 6), then self-distil from it
+    # (phase 2, with the student.* section). false: phase 2 starts from `init_from`, or
+    # from model.name when init_from is null.
+    phase1: bool = True
+    init_from: str | None = None  # a QA checkpoint (name or path) phase 2 starts from
+    # Cross-lingual sampling: each id in the source language plus this many target languages,
+    # drawn anew each epoch (seeded by the run's seed and the epoch), every question x
+    # passage pair among them.
+    # null: every target language (the public code samples 5 of its 6).
+    sampled_languages: int | None = None
+    alpha_ce: float = 1.0  # span cross-entropy weight (paper, public code); 0: the "w/o ce" row
+    # The KL weight alpha_kl: map (the paper's mAP@k of the teacher), mrr (the public code's
+    # "mAP@k": first hit only in [gold - 5, gold + 4]), fixed (`alpha_kl`), or none (no
+    # teacher: cross-entropy on the sampled set, the "w/ ce" row).
+    coefficient: str = "map"
+    alpha_kl: float = 1.0  # the coefficient when `coefficient: fixed` (paper, public code: 1)
+    map_k: int = 10  # teacher predictions ranked (paper)
+    map_delta: int = 5  # a hit lies within +-delta tokens of the gold position; normaliser 2*delta (paper)
+    map_reduction: str = "batch"  # batch: one coefficient per batch (paper) | example: one per example
+    temperature: float = 2.0  # KL temperature (paper, public code)
+    tau_squared: bool = False  # multiply the KL by temperature^2 (public code; the paper does not)
+    kl_start_end: str = "sum"  # sum the start and end KLs (paper) | mean (public code)
 
 
 @dataclass
@@ -98,6 +219,8 @@ class StrategyConfig:
     teacher_data: str = "branch"  # branch | mixmrc ("w/ mix": mixMRC-trained teachers)
     add_english: bool = True  # add the English branch to every non-English branch
     translate_train: str = "union"  # per_language (one model each) | union
+    xsta: XstaConfig = field(default_factory=XstaConfig)  # strategy.name: xsta
+    skd: SkdConfig = field(default_factory=SkdConfig)  # strategy.name: skd
 
 
 @dataclass
@@ -109,11 +232,28 @@ class EvalConfig:
 
 
 @dataclass
+class RunSettings:
+    """`run`: how long roles wait for each other (dist_xqa/logits/heartbeat.py)."""
+
+    # A rank waits for another role as long as its heartbeat moves; this long without a
+    # beat (or a failed beat) stops it, naming the stalled role, its step and its log.
+    # Also the process groups' timeout, so rank 0's data preparation gets this long.
+    stall_timeout_s: float = 1800.0
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 200  # optimizer steps between DeepSpeed checkpoints (and at every epoch end)
+    keep: int = 2  # the newest `keep` checkpoints of each group are kept, older ones removed
+
+
+@dataclass
 class RunConfig:
     name: str = "demo"
     run_dir: str | None = None  # default runs/<name> under the working directory
     seed: int = 0
-    checkpoint_every: int = 200  # optimizer steps between DeepSpeed checkpoints
+    run: RunSettings = field(default_factory=RunSettings)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -128,7 +268,7 @@ class RunConfig:
 
     @property
     def train_languages(self) -> list[str]:
-        return [lang for lang in self.data.languages if lang not in self.data.eval_only_languages]
+        return list(self.data.train.languages)
 
     @property
     def teacher_languages(self) -> list[str]:
@@ -184,13 +324,29 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
 
 
 def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    node = raw
+    """Set `a.b.c` in the raw mapping; a numeric part indexes a list (`data.test.0.folder`)."""
+    node: Any = raw
     parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[:depth]) or part
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override '{dotted}': '{where}' is a list of {len(node)}; "
+                                  f"use an index 0..{len(node) - 1}")
+            if last:
+                node[int(part)] = value
+                return
+            node = node[int(part)]
+            continue
         if not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
-    node[parts[-1]] = value
+            raise ConfigError(f"override '{dotted}': '{parts[depth - 1]}' is not a section")
+        if last:
+            node[part] = value
+            return
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -224,6 +380,51 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     return cfg
 
 
+def _check_xsta(need, cfg: RunConfig) -> None:
+    x, key = cfg.strategy.xsta, "strategy.xsta"
+    need(x.source_lang is None or x.source_lang in cfg.train_languages,
+         f"{key}.source_lang '{x.source_lang}' is not a training language {cfg.train_languages}; "
+         "leave it null to use data.source_lang")
+    layers = cfg.model.tiny["num_hidden_layers"] if cfg.model.name == "tiny" else None
+    need(x.share_layer is None or x.share_layer >= 1, f"{key}.share_layer counts from 1, got {x.share_layer}")
+    need(x.share_layer is None or layers is None or x.share_layer <= layers,
+         f"{key}.share_layer {x.share_layer} is deeper than the {layers} layers of model.tiny")
+    need(x.mix_on in ("self", "cross"), f"{key}.mix_on must be self (paper) or cross (public code), got '{x.mix_on}'")
+    need(0 <= x.alpha <= 1, f"{key}.alpha must be in [0, 1], got {x.alpha}")
+    for name in ("gamma", "sentence_weight", "token_weight"):
+        need(getattr(x, name) >= 0, f"{key}.{name} must be >= 0 (0 switches the term off), got {getattr(x, name)}")
+    need(x.infonce_tau > 0, f"{key}.infonce_tau must be positive, got {x.infonce_tau}")
+    need(x.norm_eps > 0, f"{key}.norm_eps must be positive, got {x.norm_eps}")
+    need(x.alignment in ("masked", "pair"),
+         f"{key}.alignment must be masked (paper) or pair (public code), got '{x.alignment}'")
+
+
+def _check_skd(need, cfg: RunConfig) -> None:
+    k, key = cfg.strategy.skd, "strategy.skd"
+    targets = len(cfg.train_languages) - 1
+    need(k.init_from is None or not k.phase1,
+         f"{key}.init_from is given: set {key}.phase1: false (phase 2 starts from one or the other)")
+    need(k.sampled_languages is None or 0 <= k.sampled_languages <= targets,
+         f"{key}.sampled_languages must be in 0..{targets} (the target languages), or null for all of them; "
+         f"got {k.sampled_languages}")
+    need(k.coefficient in ("map", "mrr", "fixed", "none"),
+         f"{key}.coefficient must be map (paper), mrr (public code), fixed or none, got '{k.coefficient}'")
+    need(k.alpha_ce >= 0 and k.alpha_kl >= 0, f"{key}.alpha_ce and {key}.alpha_kl must be >= 0")
+    need(k.alpha_ce > 0 or k.coefficient != "none",
+         f"{key}: alpha_ce is 0 and coefficient is none: nothing to train on")
+    need(k.map_k >= 1 and k.map_delta >= 1, f"{key}.map_k and {key}.map_delta must be >= 1")
+    need(k.map_reduction in ("batch", "example"),
+         f"{key}.map_reduction must be batch (paper) or example, got '{k.map_reduction}'")
+    need(k.temperature > 0, f"{key}.temperature must be positive, got {k.temperature}")
+    need(k.kl_start_end in ("sum", "mean"),
+         f"{key}.kl_start_end must be sum (paper) or mean (public code), got '{k.kl_start_end}'")
+
+
+def _check_range(need, rng: list[int] | None, key: str) -> None:
+    if rng is not None:
+        need(len(rng) == 2 and 0 <= rng[0] < rng[1], f"{key} must be [start, stop) with start < stop, got {rng}")
+
+
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks a user can act on. Data-dependent checks (a language with no
     file) happen when the data is opened, still before any rank trains."""
@@ -234,17 +435,50 @@ def validate(cfg: RunConfig) -> None:
 
     d, s, k = cfg.data, cfg.strategy, cfg.distill
     need(d.source in ("demo", "squad"), f"data.source must be 'demo' or 'squad', got '{d.source}'")
-    need(d.source != "squad" or bool(d.folder), "data.folder is required when data.source is 'squad'")
-    need(len(set(d.languages)) == len(d.languages), f"data.languages has duplicates: {d.languages}")
-    need(d.source_lang in d.languages, f"data.source_lang '{d.source_lang}' is not in data.languages {d.languages}")
-    for lang in d.eval_only_languages:
-        need(lang in d.languages, f"data.eval_only_languages: '{lang}' is not in data.languages {d.languages}")
-    need(d.source_lang in cfg.train_languages, "data.source_lang cannot be an eval-only language")
-    need(d.normalization in ("squad", "mlqa"), f"data.normalization must be squad or mlqa, got '{d.normalization}'")
-    if d.split is not None:
-        need(set(d.split) == {"train", "dev", "test"}, f"data.split needs exactly train, dev and test, got {sorted(d.split)}")
-        for name, rng in d.split.items():
-            need(len(rng) == 2 and 0 <= rng[0] <= rng[1], f"data.split.{name} must be [start, stop), got {rng}")
+    tr = d.train
+    need(d.source != "squad" or bool(tr.folder), "data.train.folder is required when data.source is 'squad'")
+    need(d.source != "demo" or not tr.folder,
+         "data.train.folder is for data.source 'squad'; the demo generates its own corpus")
+    need(len(tr.languages) > 0, "data.train.languages is empty")
+    need(len(set(tr.languages)) == len(tr.languages), f"data.train.languages has duplicates: {tr.languages}")
+    need("{lang}" in tr.pattern, f"data.train.pattern must contain {{lang}}, got '{tr.pattern}'")
+    need(d.source_lang in tr.languages,
+         f"data.source_lang '{d.source_lang}' is not in data.train.languages {tr.languages}")
+    need(d.normalization in NORMALIZATIONS, f"data.normalization must be squad or mlqa, got '{d.normalization}'")
+    if tr.split is not None:
+        unknown = sorted(set(tr.split) - {"train", "dev", "test"})
+        need(not unknown, f"data.train.split: unknown split(s) {unknown}; use train, dev and test")
+        need("train" in tr.split, "data.train.split needs a train range")
+        for name, rng in tr.split.items():
+            need(len(rng) == 2 and 0 <= rng[0] <= rng[1], f"data.train.split.{name} must be [start, stop), got {rng}")
+        need(d.dev is not None or "dev" in tr.split or not cfg.eval.select_on_dev,
+             "data.train.split has no dev range and data.dev is null: give split.dev, a data.dev corpus, "
+             "or eval.select_on_dev: false")
+        need(bool(d.test) or "test" in tr.split,
+             "data.train.split has no test range and data.test is empty: nothing to report on")
+    if d.dev is not None:
+        need(bool(d.dev.folder), "data.dev.folder is required (or set data.dev: null to use data.train's split.dev)")
+        need("{lang}" in d.dev.pattern, f"data.dev.pattern must contain {{lang}}, got '{d.dev.pattern}'")
+        lacking = [lang for lang in tr.languages if lang not in d.dev.languages]
+        need(not lacking, f"data.dev.languages {d.dev.languages} lacks training language(s) {lacking}: "
+                          "each job is selected on its own set built from the dev corpus")
+        _check_range(need, d.dev.articles, "data.dev.articles")
+    names = [t.name for t in d.test]
+    for i, t in enumerate(d.test):
+        where = f"data.test[{i}]" + (f" ({t.name})" if t.name else "")
+        need(bool(t.name) and "/" not in t.name and not t.name.startswith("."),
+             f"{where}: name is required (a plain name, e.g. xquad)")
+        need(names.count(t.name) == 1, f"{where}: the name '{t.name}' is used by two test sets")
+        need(bool(t.folder), f"{where}: folder is required")
+        need(t.format in TEST_FORMATS, f"{where}: format must be one of {', '.join(TEST_FORMATS)}, got '{t.format}'")
+        need(t.normalization in NORMALIZATIONS, f"{where}: normalization must be squad or mlqa, got '{t.normalization}'")
+        need(bool(t.languages) and len(set(t.languages)) == len(t.languages),
+             f"{where}: languages must be a non-empty list without duplicates, got {t.languages}")
+        placeholders = ("{context}", "{question}") if t.format == "mlqa" else ("{lang}",)
+        for ph in placeholders:
+            need(ph in t.file_pattern, f"{where}: pattern '{t.file_pattern}' must contain {ph} for format {t.format}")
+        need(t.format == "parallel" or t.articles is None, f"{where}: articles is for format parallel only")
+        _check_range(need, t.articles, f"{where}.articles")
     need(s.name in STRATEGIES, f"strategy.name must be one of {', '.join(STRATEGIES)}, got '{s.name}'")
     if s.teachers is not None:
         need(len(s.teachers) > 0, "strategy.teachers is empty; leave it out to use every language")
@@ -255,21 +489,30 @@ def validate(cfg: RunConfig) -> None:
             )
     need(s.teacher_data in ("branch", "mixmrc"), f"strategy.teacher_data must be branch or mixmrc, got '{s.teacher_data}'")
     need(s.translate_train in ("per_language", "union"), "strategy.translate_train must be per_language or union")
+    _check_xsta(need, cfg)
+    _check_skd(need, cfg)
     need(k.aggregation in ("imp", "hyper"), f"distill.aggregation must be imp or hyper, got '{k.aggregation}'")
     need(k.imp_sign in (-1.0, 1.0), f"distill.imp_sign must be -1 or +1, got {k.imp_sign}")
     if k.weights is not None:
         missing = [t for t in cfg.teacher_languages if t not in k.weights]
         need(not missing, f"distill.weights has no weight for teacher(s) {missing}")
         need(all(w >= 0 for w in k.weights.values()), "distill.weights must be non-negative")
+        need(sum(k.weights[t] for t in cfg.teacher_languages) > 0,
+             f"distill.weights of the teachers in use {cfg.teacher_languages} are all zero")
     need(k.tau > 0, f"distill.tau must be positive, got {k.tau}")
     need(k.lookahead_shards >= 1, "distill.lookahead_shards must be at least 1")
     need(k.store_mode in ("window", "cache"), f"distill.store_mode must be window or cache, got '{k.store_mode}'")
     need(k.logits_dtype in ("float16", "bfloat16"), "distill.logits_dtype must be float16 or bfloat16")
+    need(k.store_topk is None or k.store_topk >= 1,
+         f"distill.store_topk must be null (dense) or at least 1, got {k.store_topk}")
     for role in ("teacher", "student"):
         t: TrainConfig = getattr(cfg, role)
         need(t.epochs >= 1, f"{role}.epochs must be at least 1")
         need(t.lr > 0, f"{role}.lr must be positive")
+        need(0 <= t.warmup_ratio < 1, f"{role}.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
         need(t.micro_batch_size >= 1 and t.grad_accum >= 1, f"{role}.micro_batch_size and grad_accum must be >= 1")
     need(0 <= cfg.model.doc_stride < cfg.model.max_length,
          "model.doc_stride must be at least 0 and smaller than model.max_length")
-    need(cfg.checkpoint_every >= 1, "checkpoint_every must be at least 1")
+    need(cfg.checkpoint.every >= 1, f"checkpoint.every must be at least 1, got {cfg.checkpoint.every}")
+    need(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be at least 1 (the resume point), got {cfg.checkpoint.keep}")
+    need(cfg.run.stall_timeout_s > 0, f"run.stall_timeout_s must be positive, got {cfg.run.stall_timeout_s}")

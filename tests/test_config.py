@@ -33,6 +33,18 @@ def refused(overrides: list[str], path: str | Path | None = None) -> str:
     return str(info.value)
 
 
+def folder_overrides(path: Path) -> list[str]:
+    """The squad configs leave every folder to the command line, as their comments say."""
+    data = yaml.safe_load(path.read_text())["data"]
+    if data["source"] != "squad":
+        return []
+    overrides = ["data.train.folder=/data/train"]
+    if data.get("dev"):
+        overrides.append("data.dev.folder=/data/dev")
+    overrides += [f"data.test.{i}.folder=/data/test{i}" for i in range(len(data.get("test") or []))]
+    return overrides
+
+
 def write_yaml(path: Path, obj) -> Path:
     path.write_text(yaml.safe_dump(obj, sort_keys=False))
     return path
@@ -49,28 +61,39 @@ def test_shipped_configs_are_found():
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.stem)
 def test_every_shipped_config_loads_and_validates(path):
     raw = yaml.safe_load(path.read_text())
-    # The squad configs leave data.folder to the command line, as their comments say.
-    overrides = ["data.folder=/data/somewhere"] if raw["data"]["source"] == "squad" else []
-    cfg = load_config(path, overrides)
+    cfg = load_config(path, folder_overrides(path))
     validate(cfg)  # idempotent: the loaded config passes again
     assert isinstance(cfg, RunConfig)
     assert cfg.name == raw["name"] == path.stem
     # Every key the file sets is carried into the config (nothing dropped or renamed).
     as_dict = cfg.to_dict()
+
+    def carried(raw_value, value, where: str) -> None:
+        if isinstance(raw_value, dict):
+            for key, sub in raw_value.items():
+                if key != "folder":
+                    carried(sub, value[key], f"{where}.{key}")
+        elif isinstance(raw_value, list) and raw_value and isinstance(raw_value[0], dict):
+            for i, (sub, got) in enumerate(zip(raw_value, value, strict=True)):
+                carried(sub, got, f"{where}[{i}]")
+        else:
+            assert value == raw_value, f"{path.name}: {where}"
+
     for section, value in raw.items():
         if isinstance(value, dict):
-            for key, sub in value.items():
-                if section == "data" and key == "folder":
-                    continue
-                assert as_dict[section][key] == sub, f"{path.name}: {section}.{key}"
+            carried(value, as_dict[section], section)
         else:
             assert as_dict[section] == value, f"{path.name}: {section}"
 
 
-@pytest.mark.parametrize("name", ["full_scale", "xquad"])
+@pytest.mark.parametrize("name", ["full_scale", "xquad", "squad_xquad_mlqa"])
 def test_squad_configs_need_a_data_folder(name):
-    message = refused([], REPO_ROOT / "configs" / f"{name}.yaml")
-    assert "data.folder" in message
+    path = REPO_ROOT / "configs" / f"{name}.yaml"
+    assert "data.train.folder" in refused([], path)
+    # ... and every test set's folder, named by the set
+    overrides = [o for o in folder_overrides(path) if not o.startswith("data.test.0.")]
+    message = refused(overrides, path)
+    assert "data.test[0] (xquad): folder is required" in message
 
 
 def test_demo_config_is_the_default():
@@ -79,7 +102,8 @@ def test_demo_config_is_the_default():
     assert default == load_config(DEFAULT_CONFIG)
     assert default.name == "demo"
     assert default.data.source == "demo" and default.model.name == "tiny"
-    assert default.data.languages == ["en", "es", "de"]
+    assert default.data.train.languages == ["en", "es", "de"]
+    assert default.data.test == [] and default.data.dev is None
     assert default.teacher_languages == ["en", "es", "de"]
     # The file's values, not the dataclass defaults, are in effect.
     assert default.teacher.lr == 1e-3 and default.teacher.epochs == 4
@@ -88,7 +112,8 @@ def test_demo_config_is_the_default():
 
 
 def test_full_scale_config_carries_the_paper_defaults():
-    cfg = load_config(REPO_ROOT / "configs" / "full_scale.yaml", ["data.folder=/data/xqa"])
+    path = REPO_ROOT / "configs" / "full_scale.yaml"
+    cfg = load_config(path, folder_overrides(path))
     assert cfg.strategy.name == "lbmrc" and cfg.strategy.add_english is True
     assert cfg.distill.lambda_nll == 0.5 and cfg.distill.lambda_kd == 0.5
     assert cfg.distill.tau == 2.0
@@ -96,15 +121,30 @@ def test_full_scale_config_carries_the_paper_defaults():
         assert role.lr == 1e-5
         assert role.epochs == 10
         assert role.weight_decay == 0.005
-    assert cfg.data.folder == "/data/xqa"
+    assert cfg.data.train.folder == "/data/train"
+    assert [t.name for t in cfg.data.test] == ["xquad", "mlqa"]
+    assert [t.folder for t in cfg.data.test] == ["/data/test0", "/data/test1"]
 
 
-def test_xquad_config_holds_out_the_zero_shot_languages():
-    cfg = load_config(REPO_ROOT / "configs" / "xquad.yaml", ["data.folder=/data/xquad"])
+def test_xquad_config_tests_on_every_language_of_the_test_articles():
+    path = REPO_ROOT / "configs" / "xquad.yaml"
+    cfg = load_config(path, folder_overrides(path))
     assert cfg.train_languages == ["en", "es", "de"]
     assert cfg.teacher_languages == ["en", "es", "de"]
-    assert cfg.data.eval_only_languages == ["ar", "hi", "vi"]
-    assert cfg.data.split == {"train": [0, 28], "dev": [28, 32], "test": [32, 48]}
+    assert cfg.data.train.split == {"train": [0, 28], "dev": [28, 32]}
+    (xquad,) = cfg.data.test
+    assert xquad.languages == ["en", "es", "de", "ar", "hi", "vi"] and xquad.articles == [32, 48]
+    assert xquad.format == "parallel" and xquad.normalization == "squad"
+
+
+def test_protocol_config_tests_on_xquad_and_mlqa():
+    path = REPO_ROOT / "configs" / "squad_xquad_mlqa.yaml"
+    cfg = load_config(path, folder_overrides(path))
+    xquad, mlqa = cfg.data.test
+    assert (xquad.format, xquad.normalization, len(xquad.languages)) == ("parallel", "squad", 11)
+    assert (mlqa.format, mlqa.normalization, len(mlqa.languages)) == ("mlqa", "mlqa", 7)
+    assert mlqa.file_pattern == "test-context-{context}-question-{question}.json"
+    assert cfg.data.dev is not None and cfg.data.dev.languages == ["en", "es", "de"]
 
 
 def test_dataclass_defaults_validate():
@@ -113,8 +153,8 @@ def test_dataclass_defaults_validate():
 
 def test_saved_config_loads_back(tmp_path):
     """train.run writes <run>/config.yaml from to_dict(); it must load to the same config."""
-    cfg = load_config(REPO_ROOT / "configs" / "xquad.yaml",
-                      ["data.folder=/data/xquad", f"run_dir={tmp_path / 'run'}", "distill.weights={en: 2, es: 1, de: 1}"])
+    path = REPO_ROOT / "configs" / "squad_xquad_mlqa.yaml"
+    cfg = load_config(path, folder_overrides(path) + [f"run_dir={tmp_path / 'run'}", "distill.weights={en: 2, es: 1, de: 1}"])
     saved = write_yaml(tmp_path / "config.yaml", cfg.to_dict())
     assert load_config(saved) == cfg
 
@@ -132,7 +172,7 @@ def test_overrides_nested_keys_with_yaml_typed_values(tmp_path):
     cfg = load_config(None, [
         "student.epochs=2",
         "distill.tau=3",  # an int given for a float
-        "data.languages=[en, es]",
+        "data.train.languages=[en, es]",
         "strategy.teachers=[es]",
         "data.demo_noise=null",
         "distill.weights={es: 1}",
@@ -143,7 +183,7 @@ def test_overrides_nested_keys_with_yaml_typed_values(tmp_path):
     ])
     assert cfg.student.epochs == 2 and type(cfg.student.epochs) is int
     assert cfg.distill.tau == 3.0 and type(cfg.distill.tau) is float
-    assert cfg.data.languages == ["en", "es"]
+    assert cfg.data.train.languages == ["en", "es"]
     assert cfg.strategy.teachers == ["es"] and cfg.teacher_languages == ["es"]
     assert cfg.data.demo_noise is None
     assert cfg.distill.weights == {"es": 1.0} and type(cfg.distill.weights["es"]) is float
@@ -162,8 +202,8 @@ def test_int_for_float_is_converted_to_float():
 
 
 def test_overrides_apply_on_top_of_the_file_in_order():
-    cfg = load_config(REPO_ROOT / "configs" / "full_scale.yaml",
-                      ["data.folder=/x", "student.epochs=2", "student.epochs=3"])
+    path = REPO_ROOT / "configs" / "full_scale.yaml"
+    cfg = load_config(path, folder_overrides(path) + ["student.epochs=2", "student.epochs=3"])
     assert cfg.student.epochs == 3  # the last one wins
     assert cfg.teacher.epochs == 10  # the file's value, untouched
     assert cfg.student.lr == 1e-5
@@ -183,7 +223,7 @@ def test_override_without_equals_is_refused():
 @pytest.mark.parametrize("override, part", [
     ("seed.x=1", "seed"),
     ("name.sub=1", "name"),
-    ("data.languages.x=1", "languages"),
+    ("data.source_lang.x=1", "source_lang"),
 ])
 def test_override_through_a_non_section_is_refused(override, part):
     message = refused([override])
@@ -192,13 +232,21 @@ def test_override_through_a_non_section_is_refused(override, part):
 
 
 def test_override_through_a_null_key_is_refused():
-    message = refused(["data.folder.x=1"], REPO_ROOT / "configs" / "full_scale.yaml")
-    assert "'data.folder.x'" in message and "'folder' is not a section" in message
+    message = refused(["data.dev.x=1"], REPO_ROOT / "configs" / "xquad.yaml")  # data.dev: null in the file
+    assert "'data.dev.x'" in message
+
+
+def test_override_indexes_a_list_of_sections():
+    path = REPO_ROOT / "configs" / "squad_xquad_mlqa.yaml"
+    cfg = load_config(path, folder_overrides(path) + ["data.test.1.languages=[en, de]"])
+    assert cfg.data.test[1].languages == ["en", "de"] and cfg.data.test[1].folder == "/data/test1"
+    message = refused(folder_overrides(path) + ["data.test.2.folder=/x"], path)
+    assert "'data.test.2.folder'" in message and "list of 2" in message
 
 
 def test_override_value_that_is_not_yaml_is_refused_naming_the_key():
-    message = refused(["data.languages=[en, es"])
-    assert "data.languages" in message and "YAML" in message
+    message = refused(["data.train.languages=[en, es"])
+    assert "data.train.languages" in message and "YAML" in message
 
 
 def test_override_replacing_a_section_with_a_scalar_is_refused():
@@ -212,7 +260,7 @@ def test_override_replacing_a_section_with_a_scalar_is_refused():
 def test_unknown_top_level_key_names_it_and_lists_valid_keys():
     message = refused(["bogus=1"])
     assert "unknown config key 'bogus'" in message
-    for valid in ("checkpoint_every", "data", "distill", "model", "run_dir", "strategy", "student", "teacher"):
+    for valid in ("checkpoint", "data", "distill", "model", "run", "run_dir", "strategy", "student", "teacher"):
         assert valid in message
     assert str(DEFAULT_CONFIG) in message  # and the file it was loaded on top of
 
@@ -223,7 +271,8 @@ def test_unknown_top_level_section_from_a_dotted_override():
 
 
 @pytest.mark.parametrize("override, valid", [
-    ("data.bogus=1", ["folder", "languages", "source_lang", "eval_only_languages"]),
+    ("data.bogus=1", ["train", "dev", "test", "source_lang"]),
+    ("data.train.bogus=1", ["folder", "pattern", "languages", "split"]),
     ("distill.tua=2", ["tau", "lambda_kd", "aggregation", "imp_sign"]),
     ("strategy.teacher=[en]", ["name", "teachers", "teacher_data"]),
     ("student.learning_rate=1e-5", ["epochs", "lr", "weight_decay"]),
@@ -249,17 +298,19 @@ def test_unknown_key_in_a_yaml_file_names_the_file(tmp_path):
 @pytest.mark.parametrize("override, key, expected", [
     ("student.epochs=three", "student.epochs", "int"),
     ("teacher.epochs=2.5", "teacher.epochs", "int"),
-    ("checkpoint_every=true", "checkpoint_every", "int"),  # a bool is not an int
+    ("checkpoint.every=true", "checkpoint.every", "int"),  # a bool is not an int
+    ("checkpoint.keep=1.5", "checkpoint.keep", "int"),
+    ("run.stall_timeout_s=soon", "run.stall_timeout_s", "float"),
     ("distill.tau=hot", "distill.tau", "float"),
     ("distill.tau=true", "distill.tau", "float"),
     ("eval.select_on_dev=1", "eval.select_on_dev", "bool"),
     ("name=5", "name", "str"),
-    ("data.languages=en", "data.languages", "list"),
-    ("data.languages=[en, 5]", "data.languages[1]", "str"),
+    ("data.train.languages=en", "data.train.languages", "list"),
+    ("data.train.languages=[en, 5]", "data.train.languages[1]", "str"),
     ("model.tiny.hidden_size=big", "model.tiny.hidden_size", "int"),
     ("model.tiny=[1, 2]", "model.tiny", "mapping"),
     ("distill.weights={en: heavy}", "distill.weights.en", "float"),
-    ("data.split={train: [0, a], dev: [1, 2], test: [2, 3]}", "data.split.train[1]", "int"),
+    ("data.train.split={train: [0, a], dev: [1, 2], test: [2, 3]}", "data.train.split.train[1]", "int"),
     ("model=tiny", "model", "mapping"),
 ])
 def test_wrong_type_names_the_key(override, key, expected):
@@ -316,10 +367,13 @@ def test_valid_enum_values_are_accepted(override):
     ("teacher.epochs=0", "teacher.epochs"),
     ("student.lr=0", "student.lr"),
     ("student.grad_accum=0", "student"),
-    ("checkpoint_every=0", "checkpoint_every"),
-    ("data.languages=[en, es, en]", "data.languages"),
-    ("data.split={train: [0, 5], dev: [5, 6]}", "data.split"),
-    ("data.split={train: [5, 0], dev: [5, 6], test: [6, 8]}", "data.split.train"),
+    ("checkpoint.every=0", "checkpoint.every"),
+    ("checkpoint.keep=0", "checkpoint.keep"),
+    ("run.stall_timeout_s=0", "run.stall_timeout_s"),
+    ("distill.weights={en: 0, es: 0, de: 0}", "distill.weights"),
+    ("data.train.languages=[en, es, en]", "data.train.languages"),
+    ("data.train.split={train: [0, 5], dev: [5, 6]}", "data.train.split"),
+    ("data.train.split={train: [5, 0], dev: [5, 6], test: [6, 8]}", "data.train.split.train"),
     ("strategy.teachers=[]", "strategy.teachers"),
 ])
 def test_out_of_range_values_are_refused_naming_the_key(override, key):
@@ -334,22 +388,41 @@ def test_teacher_without_a_training_branch_is_refused():
     assert "strategy.teachers" in message and "'fr'" in message and "no training branch" in message
 
 
-def test_eval_only_language_cannot_be_a_teacher():
-    message = refused(["data.folder=/x", "strategy.teachers=[en, ar]"], REPO_ROOT / "configs" / "xquad.yaml")
+def test_zero_shot_test_language_cannot_be_a_teacher():
+    path = REPO_ROOT / "configs" / "xquad.yaml"
+    message = refused(folder_overrides(path) + ["strategy.teachers=[en, ar]"], path)
     assert "strategy.teachers" in message and "'ar'" in message
-    # the same teachers minus the eval-only language are fine
-    cfg = load_config(REPO_ROOT / "configs" / "xquad.yaml", ["data.folder=/x", "strategy.teachers=[en, es]"])
+    # the same teachers minus the test-only language are fine
+    cfg = load_config(path, folder_overrides(path) + ["strategy.teachers=[en, es]"])
     assert cfg.teacher_languages == ["en", "es"]
 
 
-def test_source_language_cannot_be_eval_only():
-    message = refused(["data.eval_only_languages=[en]"])
-    assert "data.source_lang" in message and "eval-only" in message
+@pytest.mark.parametrize("override, key", [
+    ("data.test=[{name: x, folder: /d, format: squad2, languages: [en]}]", "format must be one of parallel, mlqa"),
+    ("data.test=[{name: x, folder: /d, normalization: nfkc, languages: [en]}]", "normalization must be squad or mlqa"),
+    ("data.test=[{name: x, folder: /d, languages: []}]", "languages must be a non-empty list"),
+    ("data.test=[{folder: /d, languages: [en]}]", "name is required"),
+    ("data.test=[{name: x, folder: /d, languages: [en]}, {name: x, folder: /e, languages: [de]}]", "used by two"),
+    ("data.test=[{name: x, folder: /d, languages: [en], pattern: 'x.json'}]", "must contain {lang}"),
+    ("data.test=[{name: x, folder: /d, languages: [en], format: mlqa, pattern: 'c-{context}.json'}]",
+     "must contain {question}"),
+    ("data.test=[{name: x, folder: /d, languages: [en], format: mlqa, articles: [0, 2]}]",
+     "articles is for format parallel"),
+    ("data.train.split={train: [0, 5]}", "no dev range"),
+    ("data.train.split={train: [0, 5], dev: [5, 6]}", "no test range"),
+    ("data.train.split={train: [0, 5], dev: [5, 6], tset: [6, 8]}", "unknown split(s) ['tset']"),
+    ("data.dev={folder: /d, languages: [en]}", "lacks training language(s) ['es', 'de']"),
+])
+def test_bad_test_and_dev_sets_are_refused_naming_the_set(override, key):
+    message = refused([override])
+    assert key in message
+    if override.startswith("data.test"):
+        assert "data.test[" in message
 
 
-def test_eval_only_language_must_be_a_language():
-    message = refused(["data.eval_only_languages=[hi]"])
-    assert "data.eval_only_languages" in message and "'hi'" in message
+def test_test_set_name_and_normalization_are_reported_in_the_message():
+    message = refused(["data.test=[{name: mlqa_dev, folder: /d, normalization: x, languages: [en]}]"])
+    assert "data.test[0] (mlqa_dev)" in message
 
 
 def test_source_language_must_be_a_language():
@@ -378,7 +451,7 @@ def test_doc_stride_just_below_max_length_is_accepted():
 
 
 def test_squad_source_needs_a_folder():
-    assert "data.folder" in refused(["data.source=squad"])
+    assert "data.train.folder" in refused(["data.source=squad"])
 
 
 def test_validate_checks_a_config_built_in_code():
@@ -565,8 +638,8 @@ def test_entry_point_refuses_a_teacher_without_a_branch(tmp_path):
 
 def test_entry_point_refuses_an_override_that_is_not_yaml(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_entry_point("data.languages=[en, es", f"run_dir={run_dir}")
-    assert_refused_cleanly(proc, "data.languages")
+    proc = run_entry_point("data.train.languages=[en, es", f"run_dir={run_dir}")
+    assert_refused_cleanly(proc, "data.train.languages")
     assert not run_dir.exists()
 
 
@@ -599,7 +672,7 @@ def squad_folder(tmp_path: Path, files: dict[str, dict]) -> Path:
 
 
 def squad_config(tmp_path: Path, folder: Path, *extra: str) -> RunConfig:
-    return load_config(None, [f"run_dir={tmp_path / 'run'}", "data.source=squad", f"data.folder={folder}",
+    return load_config(None, [f"run_dir={tmp_path / 'run'}", "data.source=squad", f"data.train.folder={folder}",
                               "model.name=tiny", *extra])
 
 
@@ -615,7 +688,7 @@ def test_language_with_no_usable_examples_is_refused_naming_it(tmp_path, empty):
     with pytest.raises(ConfigError) as info:
         prepare(cfg)
     message = str(info.value)
-    assert "'es'" in message and "data.languages" in message and str(folder) in message
+    assert "'es'" in message and "data.train.languages" in message and str(folder) in message
     assert "'en'" not in message and "'de'" not in message
     assert not (tmp_path / "run" / "prepared" / "prepared.json").exists()
     assert not (tmp_path / "run" / "prepared" / "tokenizer").exists()
@@ -626,7 +699,7 @@ def test_language_without_a_file_is_refused_naming_it(tmp_path):
 
     folder = squad_folder(tmp_path, {"en": squad_file("en"), "es": squad_file("es")})
     cfg = squad_config(tmp_path, folder)  # languages en, es, de: no de file
-    with pytest.raises(FileNotFoundError) as info:  # an OSError: train.run reports it, every rank stops
+    with pytest.raises(ConfigError) as info:  # train.run reports it, every rank stops
         prepare(cfg)
     assert "'de'" in str(info.value) and "toy.de.json" not in os.listdir(folder)
     assert "*.de.json" in str(info.value)
@@ -636,7 +709,7 @@ def test_data_folder_that_is_not_a_directory_is_refused(tmp_path):
     from dist_xqa.prepare import prepare
 
     cfg = squad_config(tmp_path, tmp_path / "nowhere")
-    with pytest.raises(ConfigError, match=r"data\.folder .*nowhere"):
+    with pytest.raises(ConfigError, match=r"data\.train\.folder .*nowhere"):
         prepare(cfg)
 
 
@@ -663,3 +736,18 @@ def test_one_tiny_model_size_is_overridden_the_others_kept():
 def test_negative_doc_stride_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match="model.doc_stride"):
         load_config(None, ["model.doc_stride=-1"])
+
+
+def test_run_and_checkpoint_sections_replace_the_old_keys():
+    cfg = load_config(None, ["run.stall_timeout_s=60", "checkpoint.every=7"])
+    assert (cfg.run.stall_timeout_s, cfg.checkpoint.every, cfg.checkpoint.keep) == (60.0, 7, 2)
+    assert load_config().run.stall_timeout_s == 1800.0
+    assert "unknown config key 'checkpoint_every'" in refused(["checkpoint_every=5"])
+    assert "unknown config key 'distill.wait_timeout_s'" in refused(["distill.wait_timeout_s=5"])
+
+
+def test_weights_zero_only_for_teachers_left_out_are_accepted():
+    message = refused(["distill.aggregation=hyper", "strategy.teachers=[es]", "distill.weights={en: 1, es: 0}"])
+    assert "distill.weights" in message and "all zero" in message
+    cfg = load_config(None, ["distill.aggregation=hyper", "distill.weights={en: 0, es: 1, de: 0}"])
+    assert cfg.distill.weights["es"] == 1.0

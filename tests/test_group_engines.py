@@ -3,10 +3,13 @@ environment, and real multi-process worlds (gloo, DeepSpeed on its CPU accelerat
 running tests/dist_worker.py under torchrun."""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -159,8 +162,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_world(nproc: int, out: Path, *worker_args: str, launcher: str = "torchrun", timeout: float = 900) -> None:
-    """tests/dist_worker.py on `nproc` ranks under torchrun or the deepspeed launcher,
+def run_world(nproc: int, out: Path, *worker_args: str, launcher: str = "torchrun", timeout: float = 900,
+              worker: Path = WORKER) -> None:
+    """`worker` (tests/dist_worker.py) on `nproc` ranks under torchrun or the deepspeed launcher,
     DeepSpeed on its CPU accelerator (the venv's bin first on PATH for its ninja)."""
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
@@ -169,7 +173,7 @@ def run_world(nproc: int, out: Path, *worker_args: str, launcher: str = "torchru
         start = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     else:
         start = [str(bin_dir / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={free_port()}"]
-    command = [*start, str(WORKER), "--out", str(out), *worker_args]
+    command = [*start, str(worker), "--out", str(out), *worker_args]
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"world of {nproc} failed:\n{(result.stdout + result.stderr)[-6000:]}"
 
@@ -237,3 +241,74 @@ def test_deepspeed_launcher_world_keeps_groups_independent(tmp_path):
     es = assert_trained_and_in_sync(tmp_path, "teacher/es", [1])
     assert not torch.allclose(en, es)
     assert_trained_and_in_sync(tmp_path, "student", [0, 1])
+
+
+def tags_on_disk(ckpt_dir: Path) -> list[str]:
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir())
+
+
+def test_group_loop_keeps_the_newest_checkpoints_and_resumes_from_them(tmp_path):
+    """A two-rank ZeRO-2 group (each rank writes its optimizer partition into every tag)
+    checkpoints every 2 steps and at epoch ends, keeping 2: older tags are removed by the
+    group's first rank and logged; a rerun with one more epoch resumes from the newest."""
+    loop_worker = ROOT / "tests" / "loop_worker.py"
+    run_world(2, tmp_path, "--epochs", "2", worker=loop_worker, timeout=600)
+    first = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # 3 steps an epoch: saves at global steps 2, 3 (epoch end), 4 and 6 (epoch end)
+    assert [step for step, _ in first[0]["saves"]] == [2, 3, 4, 6]
+    assert [tags for _, tags in first[0]["saves"]] == [["step2"], ["step2", "step3"], ["step3", "step4"],
+                                                       ["step4", "step6"]]
+    assert first[0]["resumed_from"] is None and first[0]["final"]["global_step"] == 6
+    assert tags_on_disk(tmp_path / "ckpt") == ["step4", "step6"]
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step6"
+    assert len(list((tmp_path / "ckpt" / "step6").glob("*optim_states.pt"))) == 2, "both ranks' partitions kept"
+    log0 = (tmp_path / "rank0.log").read_text()
+    assert "student: removed checkpoint(s) step2 (checkpoint.keep = 2)" in log0
+    assert "student: removed checkpoint(s) step3 (checkpoint.keep = 2)" in log0
+    assert "removed checkpoint" not in (tmp_path / "rank1.log").read_text(), "only the group's first rank deletes"
+    beat = json.loads((tmp_path / "heartbeats" / "student.1.json").read_text())
+    assert (beat["role"], beat["state"], beat["step"]) == ("student", "finished", 6)
+
+    # A tag of a later step, left by a run that went further than `latest` says, is never
+    # resumed from: the first save removes it (and never the tag it just wrote).
+    (tmp_path / "ckpt" / "step99").mkdir()
+    run_world(2, tmp_path, "--epochs", "3", worker=loop_worker, timeout=600)
+    second = json.loads((tmp_path / "rank0.json").read_text())
+    assert second["resumed_from"] == "step6" and second["final"]["global_step"] == 9
+    assert tags_on_disk(tmp_path / "ckpt") == ["step8", "step9"]
+    assert "student: removed checkpoint(s) step4, step99 (checkpoint.keep = 2)" in (tmp_path / "rank0.log").read_text()
+
+
+def test_sigusr1_checkpoints_the_group_at_one_step_and_a_rerun_resumes_there(tmp_path):
+    """Slurm's USR1 before the time limit reaches each rank at its own moment (here only
+    rank 1 gets it): the group agrees on one step, checkpoints it outside the schedule,
+    exits 0 with the heartbeat saying `stopped`; the same command then finishes."""
+    loop_worker = ROOT / "tests" / "loop_worker.py"
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    args = ["--epochs", "1", "--steps", "200", "--every", "1000", "--step-sleep", "0.05"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(loop_worker),
+               "--out", str(tmp_path), *args]
+    job = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    beat = tmp_path / "heartbeats" / "student.1.json"
+    try:
+        deadline = time.monotonic() + 300
+        while not beat.exists() or json.loads(beat.read_text())["step"] < 5:
+            assert job.poll() is None and time.monotonic() < deadline, job.stdout.read()[-4000:]
+            time.sleep(0.05)
+        os.kill(json.loads(beat.read_text())["pid"], signal.SIGUSR1)
+        output = job.communicate(timeout=300)[0]
+    finally:
+        job.kill()
+    assert job.returncode == 0, output[-4000:]
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all("stopped by a signal at global step" in r["preempted"] for r in records)
+    assert records[0]["preempted"] == records[1]["preempted"], "both ranks stop at the same step"
+    stopped_at = records[0]["saves"][-1][0]
+    assert 5 <= stopped_at < 200 and tags_on_disk(tmp_path / "ckpt") == [f"step{stopped_at}"]
+    assert json.loads(beat.read_text())["state"] == "stopped"
+
+    run_world(2, tmp_path, *args[:-2], worker=loop_worker, timeout=600)
+    resumed = json.loads((tmp_path / "rank0.json").read_text())
+    assert resumed["resumed_from"] == f"step{stopped_at}" and resumed["final"]["global_step"] == 200

@@ -29,6 +29,8 @@ from dist_xqa.logits import (
     shard_path,
     write_shard,
 )
+from dist_xqa.logits.heartbeat import Heartbeat
+from dist_xqa.logits.progress import heartbeat_path, producer_role
 from dist_xqa.logits.shards import list_shards
 
 SEQ_LEN = 8
@@ -227,6 +229,50 @@ def test_writer_killed_mid_write_leaves_no_visible_shard(tmp_path):
     assert producer.step() and reader.get(0, 0).feature_ids.tolist() == plan.features(0)
 
 
+def _produce_then_hang_in_fsync(store: str, part: int, marker: str) -> None:
+    """Child process: producer part `part` of 2 that stops for good in the fsync of its
+    first shard, before the rename, after telling the parent."""
+    plan = ShardPlan(range(16), shard_size=4, seed=0)
+    producer = Producer(store, "en", plan, CountingCompute(0), lookahead=2, epochs=1,
+                        manifest=make_manifest(plan, teachers=("en",)), part=(part, 2))
+
+    def hang(fd: int) -> None:
+        Path(marker).touch()
+        time.sleep(600)
+
+    os.fsync = hang
+    producer.step()
+
+
+def test_a_restarted_producer_part_removes_its_own_torn_temporaries_only(tmp_path):
+    """Part 1 of 2 is killed mid-write while part 0 is still writing: the restarted part 1
+    removes the temporary its earlier process left (its pid is in its heartbeat), and
+    leaves part 0's, which is still being written."""
+    plan = ShardPlan(range(16), shard_size=4, seed=0)
+    store, ctx = tmp_path / "store", multiprocessing.get_context("spawn")
+    children = {}
+    try:
+        for part in (0, 1):
+            marker = tmp_path / f"writing{part}"
+            children[part] = ctx.Process(target=_produce_then_hang_in_fsync, args=(str(store), part, str(marker)))
+            children[part].start()
+            deadline = time.monotonic() + 60
+            while not marker.exists():
+                assert children[part].is_alive() and time.monotonic() < deadline, f"part {part} never wrote"
+                time.sleep(0.02)
+        os.kill(children[1].pid, signal.SIGKILL)
+        children[1].join(10)
+        temporaries = lambda: {p.name.split(".")[3] for p in (store / "en").glob(".shard_*.tmp")}  # noqa: E731
+        assert temporaries() == {str(children[0].pid), str(children[1].pid)}
+        Producer(store, "en", plan, CountingCompute(0), lookahead=2, epochs=1,
+                 manifest=make_manifest(plan, teachers=("en",)), part=(1, 2))
+        assert temporaries() == {str(children[0].pid)}, "only the killed part's temporary is removed"
+    finally:
+        for child in children.values():
+            child.kill()
+            child.join(10)
+
+
 # --- manifest --------------------------------------------------------------------------
 
 
@@ -310,20 +356,25 @@ def test_hash_checkpoint_follows_the_weight_files(tmp_path):
 # --- producer and reader ---------------------------------------------------------------
 
 
-def test_timeout_names_the_missing_teacher_shard_and_heartbeats(tmp_path):
+def test_stall_names_the_missing_teacher_shard_and_its_producers_last_beat(tmp_path):
     plan = ShardPlan(range(30), shard_size=4, seed=0)
     manifest = make_manifest(plan)
     en = Producer(tmp_path, "en", plan, CountingCompute(0), lookahead=1, epochs=1, manifest=manifest)
     de = Producer(tmp_path, "de", plan, CountingCompute(2), lookahead=1, epochs=1, manifest=manifest)
     assert en.step() and de.step() and not en.step()
+    # The es producer said it was computing the shard, then stopped beating.
+    Heartbeat(heartbeat_path(tmp_path, "es"), producer_role("es"), log="/run/logs/rank2.log").beat(
+        0, "computing", epoch=0, position=0)
     reader = StoreReader(tmp_path, list(TEACHERS), plan, manifest, 0.2, "window", lookahead=1)
+    began = time.monotonic()
     with pytest.raises(StoreTimeout) as caught:
         reader.get(0, 0)
+    assert time.monotonic() - began >= 0.2
     message = str(caught.value)
-    assert f"shard {plan.order(0)[0]} (epoch 0, position 0) from teacher(s) es;" in message
-    assert "es: no heartbeat" in message
-    assert "en: waiting at epoch 0 position 1" in message and "s ago" in message
-    assert "de: committed at epoch 0 position 0" in message
+    assert f"shard {plan.order(0)[0]} (epoch 0, position 0) from teacher(s) es: no heartbeat has moved" in message
+    assert "producer es: computing at step 0, epoch 0, position 0" in message
+    assert "log /run/logs/rank2.log" in message and f"pid {os.getpid()}" in message
+    assert "producer en" not in message, "only the producers the student waits for are named"
 
 
 def test_producers_stop_at_the_lookahead_window(tmp_path):
@@ -344,17 +395,39 @@ def test_producers_stop_at_the_lookahead_window(tmp_path):
     assert sum(p.step() for p in producers) == 3 and reader.stats().lookahead_shards == 3
 
 
-def test_reader_refuses_a_corrupted_shard(tmp_path):
+def test_a_shard_failing_its_checksum_is_deleted_and_produced_again(tmp_path):
     plan = ShardPlan(range(30), shard_size=4, seed=0)
     manifest = make_manifest(plan, teachers=("en",))
-    Producer(tmp_path, "en", plan, CountingCompute(0), lookahead=1, epochs=1, manifest=manifest).step()
+    compute = CountingCompute(0)
+    producer = Producer(tmp_path, "en", plan, compute, lookahead=1, epochs=1, manifest=manifest)
+    assert producer.step()
     path = shard_path(tmp_path, "en", plan.order(0)[0])
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0x10
     path.write_bytes(bytes(raw))
-    reader = StoreReader(tmp_path, ["en"], plan, manifest, 5.0, "window", lookahead=1)
     with pytest.raises(ShardError, match="checksum mismatch"):
-        reader.get(0, 0)
+        read_shard(path, plan.features(plan.order(0)[0]))
+    # Another student rank never deletes (it could delete the good file written since).
+    other = StoreReader(tmp_path, ["en"], plan, manifest, 0.3, "window", lookahead=1, writer=False)
+    with pytest.raises(StoreTimeout, match="from teacher\\(s\\) en"):
+        other.get(0, 0)
+    assert path.exists()
+    reader = StoreReader(tmp_path, ["en"], plan, manifest, 5.0, "window", lookahead=1)
+    shard = reader.get(0, 0, while_waiting=producer.step)
+    assert shard.feature_ids.tolist() == plan.features(plan.order(0)[0])
+    assert torch.equal(shard.start[0].float(), toy_logits(0, plan.features(plan.order(0)[0]))[0])
+    assert len(compute.calls) == 2, "the deleted shard was computed once more"
+
+
+def test_a_producer_writing_bad_shards_is_not_retried_forever(tmp_path):
+    plan = ShardPlan(range(30), shard_size=4, seed=0)
+    manifest = make_manifest(plan, teachers=("en",))
+    wrong = Producer(tmp_path, "en", plan, lambda ids: toy_logits(0, [i + 1 for i in ids]), lookahead=1, epochs=1,
+                     manifest=manifest)
+    wrong.plan = ShardPlan(range(1, 31), shard_size=4, seed=0)  # writes another plan's feature ids
+    reader = StoreReader(tmp_path, ["en"], plan, manifest, 5.0, "window", lookahead=1)
+    with pytest.raises(ShardError, match="failed verification 4 times in a row"):
+        reader.get(0, 0, while_waiting=wrong.step)
 
 
 def test_restarted_producer_resumes_after_the_last_committed_shard(tmp_path):
@@ -371,8 +444,10 @@ def test_restarted_producer_resumes_after_the_last_committed_shard(tmp_path):
         return toy_logits(0, feature_ids)
 
     calls: list[list[int]] = []
+    crashed = Producer(tmp_path, "en", plan, crashing, lookahead=4, epochs=1, manifest=manifest)
     with pytest.raises(Crash):
-        Producer(tmp_path, "en", plan, crashing, lookahead=4, epochs=1, manifest=manifest).run()
+        while crashed.step():
+            pass
     assert calls == [plan.features(plan.shard_at(i)) for i in range(2)]
     # A torn file under a committed name (e.g. a disk fault) is recomputed, not trusted.
     torn = shard_path(tmp_path, "en", plan.shard_at(1))

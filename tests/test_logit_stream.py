@@ -1,6 +1,7 @@
 """The logit stream across real processes: K = 3 producer processes and one student
-process that talk only through the store's files, for two epochs with a small look-ahead;
-one producer is killed mid-run and restarted."""
+process that talk only through the store's files (shards, progress, heartbeats), for two
+epochs with a small look-ahead; one producer is killed mid-run and restarted. Producers
+stop when the student's heartbeat says it finished."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from dist_xqa.logits import Producer, ShardPlan, StoreReader
+from dist_xqa.logits.heartbeat import FINISHED, Heartbeat
 from dist_xqa.logits.shards import list_shards
 from test_logit_store import TEACHERS, make_manifest, needed_shards, toy_logits
 
@@ -22,6 +24,11 @@ LOOKAHEAD = 2
 COMMIT_EVERY = 3  # the student checkpoints every third shard
 KILLED = "es"
 KILLED_AT_CALL = 4  # the killed producer hangs inside its fourth teacher forward
+STALL_TIMEOUT_S = 60.0
+
+
+def student_heartbeat(store: str) -> Path:
+    return Path(store).parent / "heartbeats" / "student.0.json"  # outside the store, as in a run
 
 
 def make_plan() -> ShardPlan:
@@ -49,7 +56,8 @@ def producer_main(store: str, teacher_index: int, log: str, hang_at_call: int | 
         return toy_logits(teacher_index, feature_ids)
 
     teacher = TEACHERS[teacher_index]
-    Producer(store, teacher, plan, compute, LOOKAHEAD, EPOCHS, poll=0.01, manifest=make_manifest(plan), timeout_s=120).run()
+    Producer(store, teacher, plan, compute, LOOKAHEAD, EPOCHS, poll=0.01, manifest=make_manifest(plan),
+             stall_timeout_s=STALL_TIMEOUT_S, student_beats=lambda: [student_heartbeat(store)]).run()
 
 
 def student_main(store: str, result: str) -> None:
@@ -58,7 +66,9 @@ def student_main(store: str, result: str) -> None:
     shards, and writes what it saw to `result`."""
     try:
         plan = make_plan()
-        reader = StoreReader(store, list(TEACHERS), plan, make_manifest(plan), 60.0, "window", lookahead=LOOKAHEAD)
+        heartbeat = Heartbeat(student_heartbeat(store), "student")
+        reader = StoreReader(store, list(TEACHERS), plan, make_manifest(plan), STALL_TIMEOUT_S, "window",
+                             lookahead=LOOKAHEAD, heartbeat=heartbeat)
         read, wrong_rows, beyond_window, committed = [], [], [], 0
         for epoch in range(EPOCHS):
             for position in range(len(plan)):
@@ -74,9 +84,11 @@ def student_main(store: str, result: str) -> None:
                     if extra:
                         beyond_window.append([teacher, epoch, position, sorted(extra)])
                 read.append([epoch, position, ids.tolist()])
+                heartbeat.beat(current)
                 if (position + 1) % COMMIT_EVERY == 0 or position + 1 == len(plan):
                     reader.commit_progress(epoch, position + 1)
                     committed = plan.global_index(epoch, position + 1)
+        heartbeat.beat(state=FINISHED)
         outcome = {"read": read, "wrong_rows": wrong_rows, "beyond_window": beyond_window}
     except Exception:
         outcome = {"error": traceback.format_exc()}

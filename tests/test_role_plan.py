@@ -129,7 +129,6 @@ def test_describe_names_every_group_and_rank():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(world_size=0, teachers=["en"]), "world_size"),
-    (dict(world_size=2, teachers=[]), "teachers is empty"),
     (dict(world_size=2, teachers=["en", "es", "en"]), "duplicate teacher name(s) ['en']"),
     (dict(world_size=2, teachers="en"), "list of names"),
     (dict(world_size=2, teachers=["en", ""]), "non-empty"),
@@ -141,6 +140,15 @@ def test_bad_input_is_refused_with_the_reason(kwargs, message):
     with pytest.raises(ValueError) as err:
         plan_roles(**kwargs)
     assert message in str(err.value)
+
+
+def test_without_teachers_the_student_takes_every_rank():
+    """X-STA has no phase-1 models: no teacher round, no producer, the student on all ranks."""
+    plan = plan_roles(3, [])
+    assert plan.teacher_rounds == () and plan.producers == ()
+    assert plan.student.ranks == (0, 1, 2)
+    assert all(plan.teacher_groups_for(rank) == () for rank in range(3))
+    assert "0 teacher(s)" in plan.describe()
 
 
 def test_rank_outside_the_world_is_refused():

@@ -82,7 +82,8 @@ def cross_lingual_sampling(
 ) -> list[QAExample]:
     """For each id, S = {source} plus `n` target languages sampled without replacement
     (seeded), and every question x passage pair within S: {(p^k, q^j, a^k) : j, k in S},
-    N·(1+n)² examples."""
+    N·(1+n)² examples. An id is sampled among the languages that have it (fewer than `n`
+    targets where fewer have it; skipped where the source language lacks it)."""
     _require_languages(ps, source_lang)
     targets = [lang for lang in ps.languages if lang != source_lang]
     if not 0 <= n <= len(targets):
@@ -90,7 +91,10 @@ def cross_lingual_sampling(
     rng = random.Random(seed)
     keys: list[Key] = []
     for example_id in ps.ids:
-        chosen = [source_lang, *rng.sample(targets, n)]
+        if not ps.has(source_lang, example_id):
+            continue
+        available = [lang for lang in targets if ps.has(lang, example_id)]
+        chosen = [source_lang, *rng.sample(available, min(n, len(available)))]
         keys.extend((example_id, q, p) for p in chosen for q in chosen)
     return _materialize(ps, keys)
 
@@ -121,8 +125,10 @@ def build(name: str, ps: ParallelSet, **options) -> list[QAExample]:
 
 
 def _all_ids(ps: ParallelSet, lang_pairs: list[tuple[str, str]]) -> list[Key]:
-    """Every id with every (question language, passage language) pair."""
-    return [(example_id, q, p) for example_id in ps.ids for q, p in lang_pairs]
+    """Every id with every (question language, passage language) pair whose two language
+    versions have it (an id a language lacks is lost only from that language's pairs)."""
+    return [(example_id, q, p) for example_id in ps.ids for q, p in lang_pairs
+            if ps.has(q, example_id) and ps.has(p, example_id)]
 
 
 def _materialize(ps: ParallelSet, keys: Iterable[Key]) -> list[QAExample]:

@@ -124,11 +124,23 @@ def _label(offsets: list[tuple[int, int]], context_tokens: list[int], start_char
     return start, end
 
 
+def _fit_questions(questions: list[str], tokenizer: PreTrainedTokenizerBase,
+                   settings: TokenizerSettings) -> list[str]:
+    """Questions cut to leave every window more context tokens than the stride (the
+    tokenizer cannot slide windows otherwise). Only questions that would not fit are cut,
+    at a token boundary: in practice a question in a script the vocabulary never saw
+    (zero-shot test languages), which splits into one token per character."""
+    room = settings.max_length - settings.doc_stride - 4  # CLS, 2 SEP, one context token more than the stride
+    enc = tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True)
+    return [q if len(offsets) <= room else q[:offsets[room - 1][1]]
+            for q, offsets in zip(questions, enc["offset_mapping"])]
+
+
 def _tokenize(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase,
               settings: TokenizerSettings) -> dict[str, list]:
     """One batch of examples -> its features (a batched `datasets.map` function)."""
     enc = tokenizer(
-        [q.lstrip() for q in batch["question"]],  # leading spaces waste window room (run_qa.py)
+        _fit_questions([q.lstrip() for q in batch["question"]], tokenizer, settings),  # lstrip: as run_qa.py
         batch["context"],
         truncation="only_second", max_length=settings.max_length, stride=settings.doc_stride,
         return_overflowing_tokens=True, return_offsets_mapping=True, return_token_type_ids=True,

@@ -1,8 +1,10 @@
 """Parallel sets: K language versions of one QA dataset, aligned by question id.
 
-A question keeps its id across languages, so the versions are joined on it. Only ids
-present in every language enter the aligned set; the others are reported per language
-in `missing`, never dropped silently.
+A question keeps its id across languages, so the versions are joined on it. An id that
+some languages lack (a translation that failed, an answer the loader rejected) stays in
+the languages that have it: builders pair two languages only where both have the id, so
+it is lost only from the pairs it cannot make. `missing` reports, per language, the ids
+it lacks.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ from dist_xqa.data.records import DataError, DataReport, QAExample
 
 @dataclass
 class ParallelSet:
-    """`examples[lang][id]` holds exactly the aligned `ids` (sorted) in every language;
-    `missing[lang]` lists the ids some other language has but `lang` lacks."""
+    """`ids` (sorted) is every id of any language; `examples[lang][id]` holds the ids
+    `lang` has, in `ids` order; `missing[lang]` lists the ids of `ids` that `lang` lacks."""
 
     languages: tuple[str, ...]
     ids: tuple[str, ...]
@@ -26,9 +28,16 @@ class ParallelSet:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def has(self, lang: str, example_id: str) -> bool:
+        return example_id in self.examples[lang]
+
+    def any_example(self, example_id: str) -> QAExample:
+        """The id's example in the first language that has it (its article index is the
+        same in every language: `align` checks)."""
+        return next(by_id[example_id] for by_id in self.examples.values() if example_id in by_id)
+
     def subset(self, ids: set[str] | list[str]) -> ParallelSet:
-        """The aligned set restricted to `ids` (e.g. one split). `missing` stays with the
-        full set: an id absent in a language has no article to be split by."""
+        """The set restricted to `ids` (e.g. one split), `missing` restricted with it."""
         keep = set(ids)
         unknown = keep.difference(self.ids)
         if unknown:
@@ -40,25 +49,13 @@ class ParallelSet:
                 lang: {i: ex for i, ex in by_id.items() if i in keep}
                 for lang, by_id in self.examples.items()
             },
-            missing={lang: [] for lang in self.languages},
-        )
-
-    def restrict(self, languages: list[str] | tuple[str, ...]) -> ParallelSet:
-        """The same ids in a subset of the languages (e.g. the training languages, leaving
-        out those kept for zero-shot evaluation)."""
-        unknown = [lang for lang in languages if lang not in self.languages]
-        if unknown:
-            raise KeyError(f"languages not in the parallel set: {unknown} (it has {list(self.languages)})")
-        return ParallelSet(
-            languages=tuple(languages),
-            ids=self.ids,
-            examples={lang: self.examples[lang] for lang in languages},
-            missing={lang: self.missing.get(lang, []) for lang in languages},
+            missing={lang: [i for i in self.missing.get(lang, []) if i in keep] for lang in self.languages},
         )
 
 
 def align(per_lang: dict[str, list[QAExample]]) -> ParallelSet:
-    """Join the language versions on question id; languages keep the dict's order.
+    """Join the language versions on question id (every id of any language, see the module
+    docstring); languages keep the dict's order.
 
     Raises ValueError when an example's languages differ from its key, an id repeats in
     one language, or one id sits in different articles across languages (splits by
@@ -79,24 +76,22 @@ def align(per_lang: dict[str, list[QAExample]]) -> ParallelSet:
             by_id[ex.id] = ex
         by_lang[lang] = by_id
 
-    all_ids = set().union(*by_lang.values())
-    common = set.intersection(*(set(by_id) for by_id in by_lang.values()))
-    ids = tuple(sorted(common))
-    first = next(iter(by_lang))
+    ids = tuple(sorted(set().union(*by_lang.values())))
     for example_id in ids:
-        article = by_lang[first][example_id].article_index
-        for lang, by_id in by_lang.items():
-            if by_id[example_id].article_index != article:
+        holders = [(lang, by_id[example_id]) for lang, by_id in by_lang.items() if example_id in by_id]
+        first, article = holders[0][0], holders[0][1].article_index
+        for lang, ex in holders[1:]:
+            if ex.article_index != article:
                 raise DataError(
                     f"id {example_id!r} is in article {article} in {first!r} but in article "
-                    f"{by_id[example_id].article_index} in {lang!r}: the language versions "
+                    f"{ex.article_index} in {lang!r}: the language versions "
                     f"must keep the same article order"
                 )
     return ParallelSet(
         languages=tuple(by_lang),
         ids=ids,
-        examples={lang: {i: by_id[i] for i in ids} for lang, by_id in by_lang.items()},
-        missing={lang: sorted(all_ids.difference(by_id)) for lang, by_id in by_lang.items()},
+        examples={lang: {i: by_id[i] for i in ids if i in by_id} for lang, by_id in by_lang.items()},
+        missing={lang: [i for i in ids if i not in by_id] for lang, by_id in by_lang.items()},
     )
 
 

@@ -68,13 +68,19 @@ def proportional_split(
     }
 
 
-def split_parallel(ps: ParallelSet, train: range, dev: range, test: range) -> dict[str, ParallelSet]:
-    """Split an aligned parallel set by article into {"train", "dev", "test"} parallel sets
+def split_parallel(ps: ParallelSet, train: range, dev: range = range(0), test: range = range(0),
+                   drop_uncovered: bool = False) -> dict[str, ParallelSet]:
+    """Split a parallel set by article into {"train", "dev", "test"} parallel sets
     (builders then run per split). The language versions share article order (`align`
-    checks it), so the first language's article indices decide."""
-    first = ps.examples[ps.languages[0]]
-    by_split = split_by_article([first[i] for i in ps.ids], train, dev, test)
-    return {name: ps.subset([ex.id for ex in examples]) for name, examples in by_split.items()}
+    checks it), so an id's article is the same in every language that has it. With
+    `drop_uncovered`, articles in no range are left out (e.g. a corpus's test articles
+    when the test sets are other corpora); otherwise they are an error."""
+    covered = set(train) | set(dev) | set(test)
+    examples = [ps.any_example(i) for i in ps.ids]
+    if drop_uncovered:
+        examples = [ex for ex in examples if ex.article_index in covered]
+    by_split = split_by_article(examples, train, dev, test)
+    return {name: ps.subset([ex.id for ex in exs]) for name, exs in by_split.items()}
 
 
 def _span(articles: range) -> str:

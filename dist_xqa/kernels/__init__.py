@@ -1,9 +1,11 @@
 """Loss kernels, the same API on every device.
 
-On CUDA tensors these run fused Triton kernels (kd.py, alignment.py); elsewhere the PyTorch
-reference in dist_xqa.losses, which is also their specification. The environment variable
-DIST_XQA_KERNELS=triton|reference, or the `impl` argument, forces either path; with
-TRITON_INTERPRET=1 the Triton path runs on CPU tensors (slowly: tests only).
+On CUDA tensors these run fused Triton kernels (kd.py, alignment.py) once each has passed
+its first-use self-check (selfcheck.py; on failure, the reference with one warning); elsewhere
+the PyTorch reference in dist_xqa.losses, which is also their specification. The environment
+variable DIST_XQA_KERNELS=checked|triton|reference, or the `impl` argument, forces a path
+("triton": the kernel, unchecked); with TRITON_INTERPRET=1 the Triton paths run on CPU
+tensors (slowly: tests only).
 """
 
 from __future__ import annotations
@@ -16,23 +18,26 @@ import triton
 from torch import Tensor
 
 from dist_xqa import losses
+from dist_xqa.kernels import selfcheck
 
-IMPLS = ("auto", "triton", "reference")
+IMPLS = ("auto", "checked", "triton", "reference")
 ENV_VAR = "DIST_XQA_KERNELS"
 
 
 def select_impl(tensor: Tensor, impl: str | None = None) -> str:
-    """Which path a call on `tensor` takes: "triton" or "reference".
+    """Which path a call on `tensor` takes: "checked", "triton" or "reference".
 
-    `impl` wins over DIST_XQA_KERNELS, which wins over "auto" (Triton on CUDA tensors only).
+    `impl` wins over DIST_XQA_KERNELS, which wins over "auto": "checked" on CUDA tensors,
+    "reference" elsewhere. "checked" runs the Triton kernel once its self-check on the device
+    has passed (the reference otherwise); "triton" runs it unchecked (kernel tests, benchmarks).
     """
     choice = impl or os.environ.get(ENV_VAR) or "auto"
     if choice not in IMPLS:
         source = "impl" if impl else ENV_VAR
         raise ValueError(f"{source} must be one of {IMPLS}, got {choice!r}")
     if choice == "auto":
-        return "triton" if tensor.is_cuda else "reference"
-    if choice == "triton" and not (tensor.is_cuda or triton.knobs.runtime.interpret):
+        return "checked" if tensor.is_cuda else "reference"
+    if choice in ("checked", "triton") and not (tensor.is_cuda or triton.knobs.runtime.interpret):
         raise ValueError("the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU")
     return choice
 
@@ -64,9 +69,15 @@ def entropy_weighted_kd(
     Returns (loss, weights [R, K], detached) and, with return_row_losses, the detached per-row
     losses [R] (0 for rows with no valid position). Differentiable w.r.t. the student only.
     """
-    triton_path = select_impl(student, impl) == "triton"
-    fn = _kernel_module("kd").entropy_weighted_kd if triton_path else losses.entropy_weighted_kd
-    return fn(student, teachers, mask, tau, mode, fixed_weights, sign, return_row_losses)
+    path = select_impl(student, impl)
+    if path != "reference":
+        losses.check_kd_inputs(student, teachers, mask, tau, mode, fixed_weights)  # a bad call is no kernel failure
+        kernel = _kernel_module("kd").entropy_weighted_kd
+        if path == "triton" or selfcheck.passed(
+            "kd", student.device, lambda: selfcheck.check_kd(kernel, student, teachers, tau, mode, sign)
+        ):
+            return kernel(student, teachers, mask, tau, mode, fixed_weights, sign, return_row_losses)
+    return losses.entropy_weighted_kd(student, teachers, mask, tau, mode, fixed_weights, sign, return_row_losses)
 
 
 def alignment_entropy(
@@ -81,9 +92,15 @@ def alignment_entropy(
     over attention heads before taking the entropy, and includes padded query rows in the
     mean. Examples with no valid target row (or no valid source token) are left out.
     """
-    triton_path = select_impl(h_t, impl) == "triton"
-    fn = _kernel_module("alignment").alignment_entropy if triton_path else losses.alignment_entropy
-    return fn(h_t, h_s, t_mask, s_mask)
+    path = select_impl(h_t, impl)
+    if path != "reference":
+        losses.check_alignment_inputs(h_t, h_s, t_mask, s_mask)  # a bad call is no kernel failure
+        kernel = _kernel_module("alignment").alignment_entropy
+        if path == "triton" or selfcheck.passed(
+            "alignment", h_t.device, lambda: selfcheck.check_alignment(kernel, h_t)
+        ):
+            return kernel(h_t, h_s, t_mask, s_mask)
+    return losses.alignment_entropy(h_t, h_s, t_mask, s_mask)
 
 
 __all__ = ["ENV_VAR", "IMPLS", "alignment_entropy", "entropy_weighted_kd", "select_impl"]

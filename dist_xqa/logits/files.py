@@ -77,10 +77,12 @@ def read_json(path: Path) -> Any | None:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
-def remove_temp_files(directory: Path) -> list[Path]:
-    """Removes the temporaries left in `directory` by writers that died before renaming;
-    returns what it removed. Only the directory's single writer may call this."""
-    removed = sorted(Path(directory).glob(f".*{TEMP_SUFFIX}"))
+def remove_temp_files(directory: Path, pid: int | None = None) -> list[Path]:
+    """Removes the temporaries left in `directory` by writers that died before renaming
+    (only those of process `pid` when given: the directory's other writers may be
+    writing theirs now); returns what it removed."""
+    pattern = f".*.{pid}.*{TEMP_SUFFIX}" if pid is not None else f".*{TEMP_SUFFIX}"
+    removed = sorted(Path(directory).glob(pattern))
     for path in removed:
         path.unlink(missing_ok=True)
     return removed

@@ -2,7 +2,8 @@
 
 `manifest.json` in the store root records the distillation set (a hash of its feature ids
 in order), the tokenizer fingerprint, every teacher's checkpoint hash, the shard plan's
-parameters, the logit dtype and, for self-distillation, the teacher generation. Producers
+parameters, the logit dtype, the top-k of a compressed store (null: dense) and, for
+self-distillation, the teacher generation. Producers
 create or verify it before writing a shard; the student verifies it before using one.
 """
 from __future__ import annotations
@@ -64,10 +65,13 @@ class Manifest:
     seed: int
     dtype: str = "float16"
     generation: int = 0  # teacher generation, for self-distillation
+    topk: int | None = None  # logits kept per row (shards.py's top-k form); None: dense
 
     def __post_init__(self) -> None:
         if self.dtype not in LOGIT_DTYPES:
             raise ValueError(f"manifest dtype must be one of {sorted(LOGIT_DTYPES)}, got {self.dtype!r}")
+        if self.topk is not None and (type(self.topk) is not int or self.topk < 1):
+            raise ValueError(f"manifest topk must be null (dense) or an integer >= 1, got {self.topk!r}")
         if self.shard_size < 1:
             raise ValueError(f"manifest shard_size must be >= 1, got {self.shard_size}")
         if not self.teachers:
@@ -78,10 +82,12 @@ class Manifest:
 
     @classmethod
     def for_plan(
-        cls, plan: ShardPlan, tokenizer: str, teachers: dict[str, str], dtype: str = "float16", generation: int = 0
+        cls, plan: ShardPlan, tokenizer: str, teachers: dict[str, str], dtype: str = "float16", generation: int = 0,
+        topk: int | None = None,
     ) -> Manifest:
         """The manifest of a store computed over `plan`."""
-        return cls(hash_features(plan.feature_ids), tokenizer, dict(teachers), plan.shard_size, plan.seed, dtype, generation)
+        return cls(hash_features(plan.feature_ids), tokenizer, dict(teachers), plan.shard_size, plan.seed, dtype,
+                   generation, topk)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -89,7 +95,8 @@ class Manifest:
 
     def check_plan(self, plan: ShardPlan) -> None:
         """Raises StoreMismatchError unless this manifest describes `plan`."""
-        self.check_matches(Manifest.for_plan(plan, self.tokenizer, self.teachers, self.dtype, self.generation), "the shard plan")
+        self.check_matches(Manifest.for_plan(plan, self.tokenizer, self.teachers, self.dtype, self.generation, self.topk),
+                           "the shard plan")
 
     def check_matches(self, other: Manifest, source: str = "the logit store") -> None:
         """Raises StoreMismatchError naming every part in which `other` (found in `source`)
@@ -108,7 +115,7 @@ class Manifest:
                 differences.append(
                     f"teacher {name!r} checkpoint (hash {other.teachers[name][:12]} != expected {self.teachers[name][:12]})"
                 )
-        for name in ("shard_size", "seed", "dtype", "generation"):
+        for name in ("shard_size", "seed", "dtype", "generation", "topk"):
             if getattr(other, name) != getattr(self, name):
                 differences.append(f"{name} ({getattr(other, name)!r} != expected {getattr(self, name)!r})")
         if differences:
@@ -120,6 +127,8 @@ class Manifest:
     @classmethod
     def from_json(cls, data: object, source: str) -> Manifest:
         names = {f.name for f in fields(cls)}
+        if isinstance(data, dict) and "topk" not in data:
+            data = {**data, "topk": None}  # written before top-k stores existed: dense
         if not isinstance(data, dict) or set(data) != names:
             keys = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise StoreMismatchError(f"{source}: expected keys {sorted(names)}, found {keys}")

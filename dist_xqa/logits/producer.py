@@ -2,28 +2,31 @@
 number of shards ahead of it.
 
 The producer keeps no position of its own: at every step it reads the student's progress
-and fills the first missing shard of the window [next, next + lookahead). So a restarted
-producer resumes from what is on disk, a shard kept from an earlier epoch (cache mode) is
-never recomputed, and a shard deleted while still needed is simply produced again.
+and fills the first missing shard from the student's committed position to the end of
+the window [next, next + lookahead). So a restarted producer resumes from what is on disk,
+a shard kept from an earlier epoch (cache mode) is never recomputed, and a shard deleted
+while still needed (or by the reader, as corrupted) is simply produced again. The
+progress file never tells a producer it is done (it may be an earlier run's, or a
+rolled-back student's): a producer stops when the student's heartbeat says it finished,
+and with an error when that heartbeat stalls or says it failed.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from dist_xqa.logits.files import remove_temp_files
+from dist_xqa.logits.heartbeat import WAITING, Heartbeat, Preempted, StallWatch, read_beat, stop_requested
 from dist_xqa.logits.manifest import Manifest, prepare_store
 from dist_xqa.logits.order import ShardPlan
-from dist_xqa.logits.progress import PROGRESS_NAME, StoreTimeout, StudentProgress, read_progress, write_heartbeat
-from dist_xqa.logits.shards import ShardError, read_shard, shard_path, write_shard
-
-# Waiting producers refresh their heartbeat this often (seconds); busy ones on every shard.
-HEARTBEAT_INTERVAL_S = 1.0
+from dist_xqa.logits.progress import StoreTimeout, StudentProgress, heartbeat_path, producer_role, read_progress
+from dist_xqa.logits.shards import ShardError, compress_topk, read_shard, shard_path, write_shard
 
 ComputeLogits = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
+AnswerMask = Callable[[list[int]], torch.Tensor]  # feature ids -> bool [S, L]: positions that may hold an answer
 
 
 class Producer:
@@ -31,7 +34,10 @@ class Producer:
     ahead of the student. Several producers of one teacher split its shards: `part`
     (i, n) writes the shards at run-wide indices i, i + n, i + 2n, ... `compute(feature_ids)` returns that teacher's (start, end) logits,
     each [len(feature_ids), L]. Creating a Producer creates or verifies the store's manifest
-    (StoreMismatchError on a stale store unless `reset`, which wipes it)."""
+    (StoreMismatchError on a stale store unless `reset`, which wipes it). `student_beats()`
+    lists the student's heartbeat files: run() and wait_for_student() watch them with
+    `stall_timeout_s`. A top-k store (manifest.topk) needs `answer_mask`: the top k and the
+    left-out mass are taken over the positions that may hold an answer, as the losses' are."""
 
     def __init__(
         self,
@@ -44,9 +50,11 @@ class Producer:
         *,
         manifest: Manifest,
         poll: float = 0.05,
-        timeout_s: float | None = None,
+        stall_timeout_s: float | None = None,
+        student_beats: Callable[[], Iterable[Path]] | None = None,
         reset: bool = False,
         part: tuple[int, int] = (0, 1),
+        answer_mask: AnswerMask | None = None,
     ):
         if lookahead < 1 or epochs < 1:
             raise ValueError(f"producer {teacher}: lookahead and epochs must be >= 1, got {lookahead} and {epochs}")
@@ -54,75 +62,79 @@ class Producer:
             raise ValueError(f"producer {teacher}: not a teacher of the store's manifest ({sorted(manifest.teachers)})")
         if not 0 <= part[0] < part[1]:
             raise ValueError(f"producer {teacher}: part {part[0]} of {part[1]} does not exist")
+        if manifest.topk is not None and answer_mask is None:
+            raise ValueError(f"producer {teacher}: a top-{manifest.topk} store needs answer_mask (the positions mask)")
         manifest.check_plan(plan)
         self.store = Path(store_dir)
         self.teacher = teacher
         self.plan = plan
         self.manifest = manifest
         self.compute = compute
+        self.answer_mask = answer_mask
         self.lookahead = lookahead
         self.total = epochs * len(plan)
         self.poll = poll
-        self.timeout_s = timeout_s
         self.shards_written = 0
         self.finished = False
         self.part, self.parts = part
         prepare_store(self.store, manifest, reset)
         (self.store / teacher).mkdir(exist_ok=True)
+        path = heartbeat_path(self.store, teacher, part)
+        # Temporaries an earlier run of this producer left when it was killed mid-write.
+        # With several parts, only this part's: they carry the pid its heartbeat recorded
+        # (the other parts may be writing theirs right now).
         if self.parts == 1:
-            # Temporaries left by an earlier run of this producer killed mid-write. With
-            # several parts another part may be writing one right now: they are left (a
-            # temporary is never read, only its disk space is lost).
             remove_temp_files(self.store / teacher)
+        elif (earlier := read_beat(path)) is not None:
+            remove_temp_files(self.store / teacher, pid=earlier.pid)
+        self.heartbeat = Heartbeat(path, producer_role(teacher, part))
+        self._student = (StallWatch(student_beats, stall_timeout_s, f"{self.heartbeat.role} waiting for the student",
+                                    expected=["student"], error=StoreTimeout)
+                         if student_beats is not None and stall_timeout_s is not None else None)
         self._verified: dict[int, tuple[int, int, int]] = {}  # shard -> file identity checked once
         self._progress = StudentProgress(0, 0)
-        self._last_beat: tuple[str, int, float] = ("", -1, 0.0)
 
     def step(self) -> bool:
-        """Produces the first missing shard of the student's window that is this part's
-        (run-wide index modulo `parts`), if any; returns whether it wrote one. Sets
-        `finished` once every shard of this part the student still needs is on disk."""
+        """Produces the first missing shard of this part (run-wide index modulo `parts`)
+        from the student's committed position to the end of its window, if any; returns
+        whether it wrote one. `finished` tells whether, by the progress file, every shard
+        of this part the student still needs is on disk (a hint: see the module doc)."""
         self._progress = read_progress(self.store, self.plan)
+        first = min(self._progress.committed, self._progress.next)
         stop = min(self.total, self._progress.next + self.lookahead)
-        for index in range(self._progress.next, stop):
+        for index in range(first, stop):
             if index % self.parts != self.part:
                 continue
             shard = self.plan.shard_at(index)
             if not self._has_valid(shard):
-                # Between reading the progress and the scan, the student may have read past
-                # `index` and deleted its file; the progress read again after the scan tells.
-                if read_progress(self.store, self.plan).next > index:
+                # Between reading the progress and the scan, the student may have committed
+                # past `index` and deleted its file; the progress read again tells.
+                again = read_progress(self.store, self.plan)
+                if index < min(again.committed, again.next):
                     return False
                 self._produce(index, shard)
                 return True
         self.finished = stop == self.total
-        if self.finished:
-            self._beat("finished", self.total - 1)
-        else:
-            self._beat("waiting", stop)
+        epoch, position = self.plan.locate(min(stop, self.total - 1))
+        self.heartbeat.beat(stop, WAITING, epoch=epoch, position=position, shards_written=self.shards_written)
         return False
 
+    def wait_for_student(self) -> bool:
+        """Between steps that found nothing to do: True once the student's heartbeat says
+        it finished; StoreTimeout once it stalled for `stall_timeout_s` or failed."""
+        epoch, position = self.plan.locate(min(self._progress.next, self.total - 1))
+        watch = self._student_watch()
+        return watch.finished(watch.check(f" (student at epoch {epoch} position {position})"))
+
+    def _student_watch(self) -> StallWatch:
+        if self._student is None:
+            raise ValueError(f"{self.heartbeat.role}: waiting for the student needs student_beats and stall_timeout_s")
+        return self._student
+
     def run(self) -> int:
-        """Steps until finished, sleeping `poll` seconds while the window is full; returns
-        the number of shards written. With `timeout_s`, raises StoreTimeout when the
-        student makes no progress for that long while the window is full."""
-        seen, since = None, time.monotonic()
-        while True:
-            if self.step():
-                seen = None  # time spent computing is not time spent waiting
-                continue
-            if self.finished:
-                return self.shards_written
-            now = time.monotonic()
-            if self._progress != seen:
-                seen, since = self._progress, now
-            elif self.timeout_s is not None and now - since > self.timeout_s:
-                epoch, position = self.plan.locate(seen.next)
-                raise StoreTimeout(
-                    f"producer {self.teacher}: the student has stayed at epoch {epoch} position {position} for "
-                    f"{now - since:.0f} s with the look-ahead window full (see {self.store / PROGRESS_NAME})"
-                )
-            time.sleep(self.poll)
+        """serve() for this producer alone; returns the number of shards written."""
+        serve([self], self.poll)
+        return self.shards_written
 
     def _has_valid(self, shard: int) -> bool:
         path = shard_path(self.store, self.teacher, shard)
@@ -134,28 +146,41 @@ class Producer:
         if self._verified.get(shard) == identity:
             return True
         try:
-            read_shard(path, self.plan.features(shard), self.manifest.torch_dtype)
+            read_shard(path, self.plan.features(shard), self.manifest.torch_dtype, self.manifest.topk)
         except ShardError:
             return False  # torn, corrupted or foreign: recompute and replace it
         self._verified[shard] = identity
         return True
 
     def _produce(self, index: int, shard: int) -> None:
-        self._beat("computing", index, force=True)
+        epoch, position = self.plan.locate(index)
+        self.heartbeat.beat(index, "computing", epoch=epoch, position=position, shards_written=self.shards_written)
         feature_ids = self.plan.features(shard)
         start, end = self.compute(feature_ids)
+        if self.manifest.topk is not None:
+            mask = self.answer_mask(feature_ids)
+            start, end = (compress_topk(x, mask, self.manifest.topk) for x in (start, end))
         path = shard_path(self.store, self.teacher, shard)
         write_shard(path, feature_ids, start, end, self.manifest.torch_dtype)
         st = path.stat()
         self._verified[shard] = (st.st_ino, st.st_size, st.st_mtime_ns)
         self.shards_written += 1
-        self._beat("committed", index, force=True)
+        self.heartbeat.beat(index, "committed", epoch=epoch, position=position, shards_written=self.shards_written)
 
-    def _beat(self, state: str, index: int, force: bool = False) -> None:
-        now = time.monotonic()
-        last_state, last_index, last_time = self._last_beat
-        if force or (state, index) != (last_state, last_index) or now - last_time >= HEARTBEAT_INTERVAL_S:
-            epoch, position = self.plan.locate(index)
-            write_heartbeat(self.store, self.teacher, epoch, position, state, self.shards_written,
-                            part=(self.part, self.parts))
-            self._last_beat = (state, index, now)
+
+def serve(producers: Sequence[Producer], poll: float = 0.05) -> None:
+    """Steps `producers` (of one student) round-robin until the student has finished,
+    sleeping `poll` seconds while none has anything to write; StoreTimeout when the
+    student's heartbeat stalls or says it failed (see Producer.wait_for_student). Asked
+    to stop (heartbeat.install_stop_signal), producers keep the student supplied until
+    it has checkpointed and stopped, then raise Preempted."""
+    first = producers[0]
+    while True:
+        if any([p.step() for p in producers]):  # a list: every producer steps each round
+            first._student_watch().reset()  # time spent computing is not time spent waiting
+            continue
+        if first.wait_for_student():
+            if stop_requested():
+                raise Preempted(f"{first.heartbeat.role}: stopped by a signal after the student")
+            return
+        time.sleep(poll)

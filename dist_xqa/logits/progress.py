@@ -4,25 +4,25 @@
   producers' look-ahead window starts there), and `committed`, the point its last
   checkpoint resumes from (nothing before it is read again).
 - `<store>/<teacher>/heartbeat.json` (`heartbeat.<i>of<n>.json` for part i of a teacher
-  produced by n ranks), written by each producer: what it is doing, where, and when it
-  last said so; the student quotes them when it gives up waiting.
+  produced by n ranks), each producer's heartbeat (logits/heartbeat.py): the student waits
+  for a shard as long as the heartbeat of a producer it lacks keeps moving.
 """
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from dist_xqa.logits.files import read_json, write_json
+from dist_xqa.logits.heartbeat import Stalled
 from dist_xqa.logits.order import ShardPlan
 
 PROGRESS_NAME = "progress.json"
 HEARTBEAT_NAME = "heartbeat.json"
 
 
-class StoreTimeout(TimeoutError):
-    """A role waited longer than its timeout for another role's files."""
+class StoreTimeout(Stalled):
+    """The other side of the store (producers or student) stopped beating or failed."""
 
 
 @dataclass(frozen=True)
@@ -55,15 +55,8 @@ def write_progress(store_dir: str | Path, plan: ShardPlan, progress: StudentProg
     write_json(Path(store_dir) / PROGRESS_NAME, data)
 
 
-@dataclass(frozen=True)
-class Heartbeat:
-    teacher: str
-    epoch: int
-    position: int
-    state: str  # computing | committed | waiting | finished
-    shards_written: int
-    time: float
-    pid: int
+def producer_role(teacher: str, part: tuple[int, int] = (0, 1)) -> str:
+    return f"producer {teacher}" if part[1] == 1 else f"producer {teacher} part {part[0]} of {part[1]}"
 
 
 def heartbeat_path(store_dir: str | Path, teacher: str, part: tuple[int, int] = (0, 1)) -> Path:
@@ -71,32 +64,6 @@ def heartbeat_path(store_dir: str | Path, teacher: str, part: tuple[int, int] = 
     return Path(store_dir) / teacher / name
 
 
-def write_heartbeat(store_dir: str | Path, teacher: str, epoch: int, position: int, state: str, shards_written: int,
-                    part: tuple[int, int] = (0, 1)) -> None:
-    """Records what producer `teacher` (its `part` (i, n)) is doing now, at (epoch,
-    position) of the order."""
-    beat = Heartbeat(teacher, epoch, position, state, shards_written, time.time(), os.getpid())
-    write_json(heartbeat_path(store_dir, teacher, part), asdict(beat))
-
-
-def describe_heartbeat(store_dir: str | Path, teacher: str) -> str:
-    """One line per producer of `teacher` on its last heartbeat, or 'no heartbeat'."""
-    paths = sorted((Path(store_dir) / teacher).glob("heartbeat*.json"))
-    if not paths:
-        return f"{teacher}: no heartbeat"
-    lines = []
-    for path in paths:
-        try:
-            data = read_json(path)
-            beat = None if data is None else Heartbeat(**data)
-        except (ValueError, TypeError) as e:
-            lines.append(f"{teacher}: unreadable heartbeat {path} ({e})")
-            continue
-        if beat is None:  # removed since it was listed
-            continue
-        label = teacher if path.name == HEARTBEAT_NAME else f"{teacher} ({path.name})"
-        lines.append(
-            f"{label}: {beat.state} at epoch {beat.epoch} position {beat.position}, "
-            f"{time.time() - beat.time:.1f} s ago (pid {beat.pid}, {beat.shards_written} shards written)"
-        )
-    return "; ".join(lines) or f"{teacher}: no heartbeat"
+def producer_heartbeats(store_dir: str | Path, teacher: str) -> list[Path]:
+    """The heartbeat files of every producer (part) of `teacher`."""
+    return sorted((Path(store_dir) / teacher).glob("heartbeat*.json"))

@@ -12,6 +12,7 @@ forward per epoch); in cache mode it is kept for the next epoch, and only over
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -20,20 +21,27 @@ from typing import NamedTuple
 
 import torch
 
+from dist_xqa.logits.heartbeat import WAITING, Heartbeat, StallWatch
 from dist_xqa.logits.manifest import MANIFEST_NAME, Manifest, read_manifest
 from dist_xqa.logits.order import ShardPlan
-from dist_xqa.logits.progress import StoreTimeout, StudentProgress, describe_heartbeat, read_progress, write_progress
-from dist_xqa.logits.shards import ShardError, list_shards, read_shard, shard_path
+from dist_xqa.logits.progress import StoreTimeout, StudentProgress, producer_heartbeats, producer_role, write_progress
+from dist_xqa.logits.shards import Logits, ShardData, ShardError, list_shards, read_shard, shard_path, stack_logits
 
+log = logging.getLogger(__name__)
 MODES = ("window", "cache")
+# A shard that fails verification is deleted and produced again; this many times in a
+# row means the producer itself writes bad shards, which no retry fixes.
+MAX_BAD_SHARD_RETRIES = 3
 _FIRST_BACKOFF_S = 0.005
 _MAX_BACKOFF_S = 0.25
 
 
 class ShardLogits(NamedTuple):
     feature_ids: torch.Tensor  # int64 [S], the plan's features of the shard, in row order
-    start: torch.Tensor  # [K, S, L], teachers in the reader's order
-    end: torch.Tensor  # [K, S, L]
+    # [K, S, L], teachers in the reader's order; a top-k store's in top-k form (shards.py:
+    # dense_logits reconstructs them on the student's device)
+    start: Logits
+    end: Logits
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,9 @@ class StoreReader:
 
     `lookahead` must be the producers' look-ahead (it bounds what clean-up may delete).
     Exactly one reader per student, the `writer` (data-parallel rank 0), writes progress
-    and deletes shards; the others only read."""
+    and deletes shards; the others only read. get() waits as long as the heartbeat of a
+    producer it lacks moves, up to `stall_timeout_s` without movement; while it waits it
+    beats `heartbeat` (the student's), so that producers know the student is alive."""
 
     def __init__(
         self,
@@ -56,12 +66,13 @@ class StoreReader:
         teachers: Sequence[str],
         plan: ShardPlan,
         manifest: Manifest,
-        timeout_s: float,
+        stall_timeout_s: float,
         mode: str,
         disk_budget_bytes: int | None = None,
         *,
         lookahead: int,
         writer: bool = True,
+        heartbeat: Heartbeat | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"logit store mode must be one of {MODES}, got {mode!r}")
@@ -77,30 +88,36 @@ class StoreReader:
         self.teachers = list(teachers)
         self.plan = plan
         self.manifest = manifest
-        self.timeout_s = timeout_s
+        self.stall_timeout_s = stall_timeout_s
+        self.heartbeat = heartbeat
         self.mode = mode
         self.disk_budget_bytes = disk_budget_bytes
         self.lookahead = lookahead
         self.writer = writer
-        self._progress = read_progress(self.store, plan) if writer else StudentProgress(0, 0)
+        # The student resumes from its checkpoint at its first get(), whatever an earlier
+        # run or a rolled-back student left in progress.json: get() sets `committed` then.
+        self._progress: StudentProgress | None = None
         self._current: int | None = None
         self._wait_seconds = 0.0
 
     def get(self, epoch: int, position: int, while_waiting: Callable[[], bool] | None = None) -> ShardLogits:
         """The K teachers' logits of the shard at `position` of `epoch`'s order, waiting
-        (exponential backoff) until every teacher's file is there; StoreTimeout after
-        `timeout_s`. `while_waiting` is called instead of sleeping when given, and a True
-        result (it did work, e.g. a time-shared producer step) re-checks at once."""
+        (exponential backoff) until every teacher's file is there, as long as the missing
+        producers' heartbeats move (StoreTimeout once they stall or fail). A file that
+        fails verification is deleted by the writer and waited for again: its producer
+        writes it anew. `while_waiting` is called instead of sleeping when given, and a
+        True result (it did work, e.g. a time-shared producer step) re-checks at once."""
         if not 0 <= position < len(self.plan):
             raise ValueError(f"position {position} is outside the plan's {len(self.plan)} shards per epoch")
         index = self.plan.global_index(epoch, position)
         shard = self.plan.shard_at(index)
         self._current = index
         if self.writer:
-            self._progress = StudentProgress(self._progress.committed, index)
+            committed = index if self._progress is None else self._progress.committed
+            self._progress = StudentProgress(committed, index)
         reported = not self.writer
-        began = time.monotonic()
-        deadline, backoff = began + self.timeout_s, _FIRST_BACKOFF_S
+        backoff, bad_reads = _FIRST_BACKOFF_S, 0
+        watching, watch = None, None  # the teachers (or the manifest) watched, and the watch
         waiting_since = None  # wait time counts from the first check that found a file missing
         try:
             while True:
@@ -111,27 +128,34 @@ class StoreReader:
                     write_progress(self.store, self.plan, self._progress)
                     reported = True
                 if not missing:
-                    break
+                    shards, missing = self._read(shard)
+                    if not missing:
+                        break
+                    bad_reads += self.writer  # others wait for the writer's deletion and the new file
+                    if bad_reads > MAX_BAD_SHARD_RETRIES:
+                        raise ShardError(f"logit store {self.store}: shard {shard} of teacher(s) {', '.join(missing)} "
+                                         f"failed verification {bad_reads} times in a row")
                 now = time.monotonic()
                 waiting_since = waiting_since or now
-                if now >= deadline:
-                    raise StoreTimeout(self._timeout_message(epoch, position, shard, missing))
+                if missing != watching:  # a file arrived (progress) or the first wait: watch anew
+                    watching, watch = missing, self._watch(epoch, position, shard, missing)
+                watch.check(self._what(missing))
+                if self.heartbeat is not None:
+                    self.heartbeat.beat(state=WAITING, epoch=epoch, position=position, shard=shard)
                 if while_waiting is not None and while_waiting():
                     continue
-                time.sleep(min(backoff, deadline - now))
+                time.sleep(backoff)
                 backoff = min(2 * backoff, _MAX_BACKOFF_S)
         finally:
             if waiting_since is not None:
                 self._wait_seconds += time.monotonic() - waiting_since
-        expected = self.plan.features(shard)
-        shards = [read_shard(shard_path(self.store, t, shard), expected, self.manifest.torch_dtype) for t in self.teachers]
         lengths = {t: data.start.shape[1] for t, data in zip(self.teachers, shards)}
         if len(set(lengths.values())) > 1:
             raise ShardError(f"logit store {self.store}: shard {shard} has different sequence lengths by teacher: {lengths}")
         return ShardLogits(
             shards[0].feature_ids,
-            torch.stack([data.start for data in shards]),
-            torch.stack([data.end for data in shards]),
+            stack_logits([data.start for data in shards]),
+            stack_logits([data.end for data in shards]),
         )
 
     def _missing(self, shard: int) -> list[str]:
@@ -143,16 +167,36 @@ class StoreReader:
         self.manifest.check_matches(found, f"logit store {self.store}")
         return [t for t in self.teachers if not shard_path(self.store, t, shard).exists()]
 
-    def _timeout_message(self, epoch: int, position: int, shard: int, missing: list[str]) -> str:
+    def _read(self, shard: int) -> tuple[list[ShardData], list[str]]:
+        """The verified files of `shard` and the teachers whose file failed verification
+        (the writer deletes those: the producer sees them missing and writes them again;
+        other readers wait for the new file)."""
+        expected, shards, bad = self.plan.features(shard), [], []
+        for teacher in self.teachers:
+            path = shard_path(self.store, teacher, shard)
+            try:
+                shards.append(read_shard(path, expected, self.manifest.torch_dtype, self.manifest.topk))
+            except ShardError as e:
+                bad.append(teacher)
+                if self.writer:
+                    log.warning("logit store %s: deleting %s to have it produced again: %s", self.store, path, e)
+                    path.unlink(missing_ok=True)
+        return shards, bad
+
+    def _watch(self, epoch: int, position: int, shard: int, missing: list[str]) -> StallWatch:
+        """Watches the producers of the `missing` teachers (all of them while the store
+        has no manifest)."""
+        teachers = self.teachers if missing == [MANIFEST_NAME] else missing
+        return StallWatch(lambda: [p for t in teachers for p in producer_heartbeats(self.store, t)],
+                          self.stall_timeout_s, f"logit store {self.store}: shard {shard} (epoch {epoch}, "
+                          f"position {position})", expected=[producer_role(t) for t in teachers],
+                          error=StoreTimeout)
+
+    @staticmethod
+    def _what(missing: list[str]) -> str:
         if missing == [MANIFEST_NAME]:
-            what = f"its {MANIFEST_NAME} (no producer has created the store)"
-        else:
-            what = f"teacher(s) {', '.join(missing)}"
-        beats = "; ".join(describe_heartbeat(self.store, t) for t in self.teachers)
-        return (
-            f"logit store {self.store}: timed out after {self.timeout_s:.1f} s waiting for shard {shard} "
-            f"(epoch {epoch}, position {position}) from {what}; producer heartbeats: {beats}"
-        )
+            return f" from its {MANIFEST_NAME} (no producer has created the store)"
+        return f" from teacher(s) {', '.join(missing)}"
 
     def commit_progress(self, epoch: int, position: int) -> None:
         """Records that the student's latest checkpoint resumes at (epoch, position)
@@ -160,7 +204,7 @@ class StoreReader:
         if not self.writer:
             raise RuntimeError("only the writer reader (student rank 0) commits progress")
         committed = self.plan.global_index(epoch, position)
-        self._progress = StudentProgress(committed, max(self._progress.next, committed))
+        self._progress = StudentProgress(committed, max(self._progress.next if self._progress else 0, committed))
         write_progress(self.store, self.plan, self._progress)
         self._clean_up()
 

@@ -1,28 +1,36 @@
 """The evaluate stage: every trained model of the run (teachers, baselines, the student)
-scored on the test split over every question x passage language pair.
+scored on every test set of the run (`data.test`, or the training corpus's test split):
+each set on every question of its files, as the official scripts score a prediction file,
+normalised as the set says (squad: the same rules for every language; mlqa: by the
+passage language, each MLQA file a pair of its own).
 
 Models are spread over the ranks (model i on rank i mod N), each written to
-`<run>/eval/<model>.json` with its predictions; rank 0 then prints the per-language
-table and writes `<run>/eval/summary.json`. No collective: ranks meet through files.
+`<run>/eval/<model>.json`: one section per test set (format, normalisation, languages,
+per-pair matrix, XLT / G-XLT, the questions that could not be answered and why) and the
+predictions. Rank 0 then prints one table per test set and writes `<run>/eval/summary.json`.
+A model's results are redone when the model is newer or a test set changed or was added.
+No collective: ranks meet through files.
 """
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from dist_xqa.config import RunConfig
+from dist_xqa.config import EvalSetConfig, RunConfig
 from dist_xqa.evaluate import postprocess, score
 from dist_xqa.inference import predict_logits
 from dist_xqa.models import load_trained
 from dist_xqa.monitor import Monitor
-from dist_xqa.prepare import TEST_SET, Prepared
-from dist_xqa.logits.files import wait_for_files, write_json
+from dist_xqa.prepare import Prepared, run_test_sets
+from dist_xqa.logits.files import read_json, wait_for_files, write_json
 
 log = logging.getLogger(__name__)
+REPORT_KEYS = ("per_language", "xlt", "g_xlt", "pooled", "matrix")
 
 
 def model_name(model_dir: Path) -> str:
@@ -31,17 +39,43 @@ def model_name(model_dir: Path) -> str:
     return f"{parent[:-1]}_{model_dir.name}" if parent in ("teachers", "models") else model_dir.name
 
 
+def score_test_set(model, spec: EvalSetConfig, cfg: RunConfig, prepared: Prepared, device: torch.device,
+                   desc: str) -> tuple[dict, dict]:
+    """(section of the model's report, predictions) for one test set. Questions without
+    features (the loader rejected them) have no prediction: `score` counts them as misses."""
+    test = prepared.test_set(spec.name)
+    features = test.features()
+    start, end = predict_logits(model, features, cfg.eval.batch_size, device, desc=desc)
+    preds = postprocess(features, start, end, test.examples(), cfg.eval.n_best, cfg.eval.max_answer_length)
+    report = score(test.gold(), preds, spec.normalization)
+    info = test.info
+    trained = set(cfg.train_languages)
+    report.update({
+        "format": info["format"], "languages": info["languages"], "files": info["files"],
+        "articles": info["articles"], "fingerprint": info["fingerprint"],
+        "zero_shot_languages": [lang for lang in info["languages"] if lang not in trained],
+        "questions": info["questions"], "unanswerable": info["rejected"],
+    })
+    return report, {"|".join(k): v for k, v in preds.items()}
+
+
 def evaluate_model(model_dir: Path, cfg: RunConfig, prepared: Prepared, device: torch.device) -> dict:
-    features, examples = prepared.features(TEST_SET), prepared.examples(TEST_SET)
     model = load_trained(model_dir).to(device)
-    start, end = predict_logits(model, features, cfg.eval.batch_size, device, desc=f"eval {model_dir.name}")
-    preds = postprocess(features, start, end, examples, cfg.eval.n_best, cfg.eval.max_answer_length)
-    report = score(examples, preds, cfg.data.normalization)
-    report["model_dir"] = str(model_dir)
-    report["selection"] = json.loads((model_dir / "DONE.json").read_text())
-    report["split"] = "test"
-    report["predictions"] = {"|".join(k): v for k, v in preds.items()}
-    return report
+    sections, predictions = {}, {}
+    for spec in run_test_sets(cfg, prepared):
+        sections[spec.name], predictions[spec.name] = score_test_set(
+            model, spec, cfg, prepared, device, desc=f"eval {model_dir.name} on {spec.name}")
+    return {"model_dir": str(model_dir), "selection": json.loads((model_dir / "DONE.json").read_text()),
+            "dev": prepared.info["dev"], "test_sets": sections, "predictions": predictions}
+
+
+def _is_current(out: Path, model_dir: Path, fingerprints: dict[str, str]) -> bool:
+    """An existing result counts when it is newer than the model and holds every test set
+    of the run, each prepared the same way."""
+    if not out.exists() or out.stat().st_mtime < (model_dir / "DONE.json").stat().st_mtime:
+        return False
+    sections = (read_json(out) or {}).get("test_sets", {})
+    return all(sections.get(name, {}).get("fingerprint") == fp for name, fp in fingerprints.items())
 
 
 def format_table(reports: dict[str, dict], languages: list[str]) -> str:
@@ -65,27 +99,53 @@ def evaluate_all(cfg: RunConfig, prepared: Prepared, device: torch.device, model
     until its DONE.json is there, since other ranks may still be training it."""
     rank, world = dist.get_rank(), dist.get_world_size()
     eval_dir = cfg.run_path / "eval"
+    specs = run_test_sets(cfg, prepared)
+    fingerprints = {spec.name: prepared.test_set(spec.name).info["fingerprint"] for spec in specs}
     models = [(model_name(d), d) for d in model_dirs]
     for i, (name, model_dir) in enumerate(models):
         if i % world != rank:
             continue
         wait_for_files([model_dir / "DONE.json"], timeout_s, f"model {name} never finished")
         out = eval_dir / f"{name}.json"
-        if not out.exists() or out.stat().st_mtime < (model_dir / "DONE.json").stat().st_mtime:
+        if not _is_current(out, model_dir, fingerprints):
             write_json(out, evaluate_model(model_dir, cfg, prepared, device))
     if rank != 0:
         return
-    wait_for_files([eval_dir / f"{name}.json" for name, _ in models], timeout_s, "evaluation results missing")
+    outs = [eval_dir / f"{name}.json" for name, _ in models]
+    wait_for_files(outs, timeout_s, "evaluation results missing")
+    # A result another rank is still rewriting (a test set was added) is waited for too.
+    deadline = time.monotonic() + timeout_s
+    while stale := [str(out) for out, (_, d) in zip(outs, models) if not _is_current(out, d, fingerprints)]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"evaluation results not rewritten for the current test sets after {timeout_s:.0f} s: "
+                               f"{stale}")
+        time.sleep(1.0)
     reports = {name: json.loads((eval_dir / f"{name}.json").read_text()) for name, _ in models}
     monitor = Monitor(cfg.run_path, "eval", enabled=True)
     for name, rep in reports.items():
-        for lang, s in rep["per_language"].items():
-            monitor.scalars({f"eval/{name}/{lang}/f1": s["f1"], f"eval/{name}/{lang}/em": s["exact_match"]}, 0)
+        for set_name, section in rep["test_sets"].items():
+            for lang, s in section["per_language"].items():
+                monitor.scalars({f"eval/{name}/{set_name}/{lang}/f1": s["f1"],
+                                 f"eval/{name}/{set_name}/{lang}/em": s["exact_match"]}, 0)
     monitor.close()
-    summary = {name: {k: rep[k] for k in ("per_language", "xlt", "g_xlt", "pooled", "matrix", "selection")
-                      if k in rep} for name, rep in reports.items()}
+    summary = {name: {"selection": rep["selection"], "dev": rep["dev"],
+                      "test_sets": {set_name: {k: section[k] for k in REPORT_KEYS + ("normalization", "format")}
+                                    for set_name, section in rep["test_sets"].items()}}
+               for name, rep in reports.items()}
     write_json(eval_dir / "summary.json", summary)
-    table = format_table(reports, prepared.info["languages"])
-    (eval_dir / "table.txt").write_text(table + "\n")
-    print(f"\nTest split, {cfg.data.normalization} normalisation, EM/F1 per language (question and passage "
-          f"in that language), XLT and G-XLT averages:\n{table}\n", flush=True)
+    text = "\n\n".join(_set_table(spec, reports) for spec in specs)
+    (eval_dir / "table.txt").write_text(text + "\n")
+    print(f"\nModels selected on {prepared.info['dev']}.\n\n{text}\n", flush=True)
+
+
+def _set_table(spec: EvalSetConfig, reports: dict[str, dict]) -> str:
+    first = next(iter(reports.values()))["test_sets"][spec.name]
+    zero_shot = first["zero_shot_languages"]
+    pairs = "each MLQA file (context x question language) on its own" if spec.format == "mlqa" \
+        else "every question x passage language pair"
+    title = (f"Test set '{spec.name}' ({spec.format}: {pairs}; {spec.normalization} normalisation; "
+             f"{first['questions']} questions, {len(first['unanswerable'])} unanswerable counted as misses"
+             + (f"; zero-shot: {', '.join(zero_shot)}" if zero_shot else "") + ")")
+    sections = {name: rep["test_sets"][spec.name] for name, rep in reports.items()}
+    return f"{title}\nEM/F1 per language (question and passage in it), XLT and G-XLT averages over pairs:\n" \
+        + format_table(sections, list(spec.languages))

@@ -25,6 +25,7 @@ from dist_xqa.models import build_model, save_hf
 from dist_xqa.monitor import Monitor
 from dist_xqa.prepare import Job, Prepared
 from dist_xqa.logits.files import write_json
+from dist_xqa.logits.heartbeat import Heartbeat, role_heartbeat
 from dist_xqa.roles.loop import GroupLoop, LoopState, full_state_dict, group_predict, rank_slice
 
 log = logging.getLogger(__name__)
@@ -93,16 +94,18 @@ def train_job(job: Job, cfg: RunConfig, prepared: Prepared, ds_config: dict, gro
     tokenizer = prepared.tokenizer()
     features = prepared.features(job.train_set)
     dev_features, dev_examples = prepared.features(job.dev_set), prepared.examples(job.dev_set)
-    model = build_model(cfg.model, tokenizer, seed=cfg.seed)
-    engine = build_engine(model, ds_config, group, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
-                          micro_batch_size=tcfg.micro_batch_size, gradient_accumulation_steps=tcfg.grad_accum)
-    tag = f"teacher/{job.name}" if cfg.strategy.name == "lbmrc" else f"model/{job.name}"
-    monitor = Monitor(cfg.run_path, tag.replace("/", "_"), enabled=group_rank == 0)
+    seed = cfg.seed + job.seed_offset  # "w/ mix" teachers differ only by their seed
+    model = build_model(cfg.model, tokenizer, seed=seed)
     global_batch = tcfg.micro_batch_size * tcfg.grad_accum * group_size
     steps = math.ceil(len(features) / global_batch)
+    engine = build_engine(model, ds_config, group, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
+                          micro_batch_size=tcfg.micro_batch_size, gradient_accumulation_steps=tcfg.grad_accum,
+                          total_steps=steps * tcfg.epochs, warmup_ratio=tcfg.warmup_ratio)
+    tag = f"teacher/{job.name}" if cfg.strategy.name == "lbmrc" else f"model/{job.name}"
+    monitor = Monitor(cfg.run_path, tag.replace("/", "_"), enabled=group_rank == 0)
 
     def train_step(epoch: int, i: int, state: LoopState) -> None:
-        order = epoch_order(len(features), cfg.seed, epoch)
+        order = epoch_order(len(features), seed, epoch)
         rows = [int(r) for r in order.take(range(i * global_batch, (i + 1) * global_batch), mode="wrap")]
         losses = []
         for micro in micro_batches(rank_slice(rows, group), tcfg.micro_batch_size):
@@ -113,14 +116,17 @@ def train_job(job: Job, cfg: RunConfig, prepared: Prepared, ds_config: dict, gro
             engine.step()
             losses.append(loss.item())
         monitor.scalar(f"{tag}/loss", float(np.mean(losses)), state.global_step)
+        monitor.scalar(f"{tag}/lr", engine.get_lr()[0], state.global_step)
         monitor.throughput(len(rows), state.global_step)
 
     def end_of_epoch(epoch: int, state: LoopState) -> None:
         select_and_save(engine, tokenizer, dev_features, dev_examples, out_dir, cfg, group, state, epoch,
                         monitor, tag, device)
 
-    loop = GroupLoop(engine, group, cfg.run_path / "checkpoints" / tag.replace("/", "_"),
-                     cfg.checkpoint_every, desc=job.name, show_progress=group_rank == 0)
+    role = tag.replace("/", "_")  # teacher_<lang> | model_<name>: what the evaluator calls the model
+    loop = GroupLoop(engine, group, cfg.run_path / "checkpoints" / role, cfg.checkpoint, desc=job.name,
+                     show_progress=group_rank == 0,
+                     heartbeat=Heartbeat(role_heartbeat(cfg.run_path, role, group_rank), role))
     state = loop.run(tcfg.epochs, lambda epoch: steps, train_step, end_of_epoch)
     if group_rank == 0:
         write_done(out_dir, cfg, state, tcfg.epochs, len(dev_features))

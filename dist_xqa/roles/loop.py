@@ -1,6 +1,8 @@
 """The epoch/step loop every training group runs (teachers, baselines and the student),
 with DeepSpeed checkpoints that carry the data position, so rerunning the same command
-resumes exactly where the group stopped; plus the group-wide helpers the loop needs
+resumes exactly where the group stopped (the newest `checkpoint.keep` checkpoints are
+kept, older ones removed); the loop beats the role's heartbeat (logits/heartbeat.py) on
+every step, so ranks waiting for this role know it progresses; plus the group-wide helpers the loop needs
 (evaluation forward passes spread over the group, gathering ZeRO-3 weights for saving).
 
 Every rank of a group calls every function here in the same order: they issue
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,11 +24,14 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from dist_xqa.config import CheckpointConfig
 from dist_xqa.distributed import TrainingGroup, group_scope
 from dist_xqa.inference import predict_logits
+from dist_xqa.logits.heartbeat import FINISHED, Heartbeat, Preempted, stop_requested
 from dist_xqa.logits.order import rank_rows
 
 log = logging.getLogger(__name__)
+TAG = re.compile(r"step(\d+)")  # DeepSpeed checkpoint tags: step<global step>
 
 
 @dataclass
@@ -38,16 +45,22 @@ class LoopState:
 
 class GroupLoop:
     """Runs `epochs` of `steps(epoch)` optimizer steps, each done by `train_step(epoch,
-    i)`, checkpointing every `checkpoint_every` steps and at every epoch end, and calling
-    `end_of_epoch(epoch, state)` (model selection) after each epoch."""
+    i)`, checkpointing every `checkpoint.every` steps and at every epoch end (keeping the
+    newest `checkpoint.keep`), and calling `end_of_epoch(epoch, state)` (model selection)
+    after each epoch. `heartbeat` is beaten on every step, marked finished at the end and
+    failed when the loop raises. When a rank of the group has been asked to stop
+    (heartbeat.install_stop_signal), the group checkpoints after the step and raises
+    Preempted."""
 
-    def __init__(self, engine, group: TrainingGroup, ckpt_dir: Path, checkpoint_every: int, desc: str, show_progress: bool):
+    def __init__(self, engine, group: TrainingGroup, ckpt_dir: Path, checkpoint: CheckpointConfig, desc: str,
+                 show_progress: bool, heartbeat: Heartbeat | None = None):
         self.engine = engine
         self.group = group
         self.ckpt_dir = Path(ckpt_dir)
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint = checkpoint
         self.desc = desc
         self.show_progress = show_progress
+        self.heartbeat = heartbeat
         self.on_checkpoint: Callable[[LoopState], None] | None = None
 
     def resume(self) -> LoopState:
@@ -62,27 +75,71 @@ class GroupLoop:
         return state
 
     def save(self, state: LoopState) -> None:
+        self._beat(state, "checkpointing")
         with group_scope(self.group):  # DeepSpeed's barriers must stay inside the group
             self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{state.global_step}",
                                         client_state={"loop": asdict(state)})
+        if self.group.rank == 0:
+            self._rotate(state.global_step)
         if self.on_checkpoint is not None:
             self.on_checkpoint(state)
 
+    def _rotate(self, saved: int) -> None:
+        """Keeps the newest `checkpoint.keep` tags up to the one just saved at step `saved`
+        (`latest` names it; every rank of the group has written it once save_checkpoint
+        returns). Tags of later steps are left by a run that went further before it was
+        killed and this one resumed from an earlier tag: nothing will resume from them."""
+        tags = sorted((int(m.group(1)), path) for path in self.ckpt_dir.iterdir()
+                      if path.is_dir() and (m := TAG.fullmatch(path.name)))
+        kept = [path for step, path in tags if step <= saved][-self.checkpoint.keep:]
+        removed = [path for _, path in tags if path not in kept]
+        for path in removed:
+            shutil.rmtree(path)
+        if removed:
+            log.info("%s: removed checkpoint(s) %s (checkpoint.keep = %d)", self.desc,
+                     ", ".join(p.name for p in removed), self.checkpoint.keep)
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank of the group was asked to stop: the signal reaches the ranks
+        at different steps, and they must checkpoint at the same one."""
+        flag = torch.tensor([float(stop_requested())], device=self.engine.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group.process_group)
+        return bool(flag.item())
+
+    def _beat(self, state: LoopState, what: str) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.beat(state.global_step, what, epoch=state.epoch, step_in_epoch=state.step_in_epoch)
+
     def run(self, epochs: int, steps: Callable[[int], int], train_step: Callable[[int, int, LoopState], None],
             end_of_epoch: Callable[[int, LoopState], None]) -> LoopState:
+        if self.heartbeat is None:
+            return self._run(epochs, steps, train_step, end_of_epoch)
+        with self.heartbeat.guard():  # waiters stop at once when this role fails
+            state = self._run(epochs, steps, train_step, end_of_epoch)
+        self.heartbeat.beat(state.global_step, FINISHED, force=True, epoch=state.epoch)
+        return state
+
+    def _run(self, epochs: int, steps: Callable[[int], int], train_step: Callable[[int, int, LoopState], None],
+             end_of_epoch: Callable[[int, LoopState], None]) -> LoopState:
         state = self.resume()
         while state.epoch < epochs:
             n = steps(state.epoch)
             bar = tqdm(total=n, initial=state.step_in_epoch, desc=f"{self.desc} epoch {state.epoch + 1}/{epochs}",
                        disable=not self.show_progress, leave=False)
             while state.step_in_epoch < n:
+                self._beat(state, "training")
                 train_step(state.epoch, state.step_in_epoch, state)
                 state.step_in_epoch += 1
                 state.global_step += 1
                 bar.update(1)
-                if state.global_step % self.checkpoint_every == 0 and state.step_in_epoch < n:
+                if self._stop_agreed():
+                    self.save(state)
+                    raise Preempted(f"{self.desc}: stopped by a signal at global step {state.global_step}, "
+                                    f"checkpointed in {self.ckpt_dir}")
+                if state.global_step % self.checkpoint.every == 0 and state.step_in_epoch < n:
                     self.save(state)
             bar.close()
+            self._beat(state, "evaluating")
             end_of_epoch(state.epoch, state)
             state.epoch += 1
             state.step_in_epoch = 0

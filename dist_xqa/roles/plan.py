@@ -152,6 +152,10 @@ def plan_roles(world_size: int, teachers: Sequence[str], student_min_ranks: int 
     feature relative to a student training step per feature."""
     _validate(world_size, teachers, student_min_ranks, producer_cost)
     names = tuple(teachers)
+    if not names:  # a strategy without phase-1 models (X-STA): the student on every rank
+        student = RoleGroup(name="student", role=Role.STUDENT, ranks=tuple(range(world_size)))
+        return RolePlan(world_size=world_size, teachers=(), teacher_rounds=(), student=student,
+                        producers=(), producers_share_student_ranks=True)
     rounds = _teacher_rounds(world_size, names)
     if world_size >= len(names) + student_min_ranks:
         student_size, producer_sizes = _dedicated_split(world_size, len(names), student_min_ranks, producer_cost)
@@ -172,8 +176,6 @@ def _validate(world_size: int, teachers: Sequence[str], student_min_ranks: int, 
         raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
     if isinstance(teachers, str):
         raise ValueError(f"teachers must be a list of names, got the string {teachers!r}")
-    if len(teachers) == 0:
-        raise ValueError("teachers is empty: the plan needs at least one teacher")
     for name in teachers:
         if not isinstance(name, str) or not name.strip() or "/" in name:
             raise ValueError(f"teacher name {name!r} must be a non-empty string without '/'")
