@@ -173,7 +173,7 @@ class TrainingGroup:
         return dist.get_rank(self.process_group)
 
 
-def make_groups(plan: RolePlan) -> dict[str, TrainingGroup]:
+def make_groups(plan: RolePlan, timeout: timedelta | None = None) -> dict[str, TrainingGroup]:
     """Create every process group the plan needs, on every rank, in the canonical order:
     first one single-rank group per rank (0..N-1, the trivial model-parallel groups),
     then `plan.all_groups()`. Returns the groups this rank belongs to, by name.
@@ -186,12 +186,12 @@ def make_groups(plan: RolePlan) -> dict[str, TrainingGroup]:
     me = dist.get_rank()
     self_group = None
     for rank in range(plan.world_size):
-        group = dist.new_group([rank])
+        group = dist.new_group([rank], timeout=timeout)
         if rank == me:
             self_group = group
     mine: dict[str, TrainingGroup] = {}
     for role_group in plan.all_groups():
-        process_group = dist.new_group(list(role_group.ranks))
+        process_group = dist.new_group(list(role_group.ranks), timeout=timeout)
         if me in role_group.ranks:
             mine[role_group.name] = TrainingGroup(role_group, process_group, self_group)
     return mine

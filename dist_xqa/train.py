@@ -93,7 +93,7 @@ def run(cfg: RunConfig, ds_config: dict, stage: str) -> None:
     # every rank; LBMRC's plan sizes producers and student (dist_xqa.roles.plan).
     plan = plan_roles(world, [job.name for job in jobs],
                       student_min_ranks=world if strategy in ("skd", "xsta") else 1)
-    groups = make_groups(plan)
+    groups = make_groups(plan, timeout=timedelta(seconds=cfg.run.stall_timeout_s))
     if rank == 0:
         log.info("role plan:\n%s", plan.describe())
 

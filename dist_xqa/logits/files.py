@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import time
 from pathlib import Path
 from typing import Any
 
@@ -53,16 +52,6 @@ def write_json(path: Path, obj: Any, durable: bool = False) -> None:
     """Writes `obj` as JSON to `path` atomically (creating its directory)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), durable)
-
-
-def wait_for_files(paths: list[Path], timeout_s: float, what: str, poll_s: float = 1.0) -> None:
-    """Blocks until every path exists (another role writes them); TimeoutError naming
-    `what` and the missing paths after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while missing := [str(p) for p in paths if not Path(p).exists()]:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} after {timeout_s:.0f} s: {missing}")
-        time.sleep(poll_s)
 
 
 def read_json(path: Path) -> Any | None:

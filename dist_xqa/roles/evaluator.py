@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,9 @@ from dist_xqa.inference import predict_logits
 from dist_xqa.models import load_trained
 from dist_xqa.monitor import Monitor
 from dist_xqa.prepare import Prepared, run_test_sets
-from dist_xqa.logits.files import read_json, wait_for_files, write_json
+from dist_xqa.logits.files import read_json, write_json
+from dist_xqa.logits.heartbeat import (FINISHED, Heartbeat, StallWatch, role_heartbeat, role_heartbeats,
+                                      wait_for_run_files, wait_until)
 
 log = logging.getLogger(__name__)
 REPORT_KEYS = ("per_language", "xlt", "g_xlt", "pooled", "matrix")
@@ -59,10 +60,12 @@ def score_test_set(model, spec: EvalSetConfig, cfg: RunConfig, prepared: Prepare
     return report, {"|".join(k): v for k, v in preds.items()}
 
 
-def evaluate_model(model_dir: Path, cfg: RunConfig, prepared: Prepared, device: torch.device) -> dict:
+def evaluate_model(model_dir: Path, cfg: RunConfig, prepared: Prepared, device: torch.device,
+                   heartbeat: Heartbeat) -> dict:
     model = load_trained(model_dir).to(device)
     sections, predictions = {}, {}
     for spec in run_test_sets(cfg, prepared):
+        heartbeat.beat()
         sections[spec.name], predictions[spec.name] = score_test_set(
             model, spec, cfg, prepared, device, desc=f"eval {model_dir.name} on {spec.name}")
     return {"model_dir": str(model_dir), "selection": json.loads((model_dir / "DONE.json").read_text()),
@@ -93,33 +96,35 @@ def format_table(reports: dict[str, dict], languages: list[str]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_all(cfg: RunConfig, prepared: Prepared, device: torch.device, model_dirs: list[Path],
-                 timeout_s: float = 3600) -> None:
-    """Scores `model_dirs` (model i on rank i mod N); a rank waits for a model of its own
-    until its DONE.json is there, since other ranks may still be training it."""
+def evaluate_all(cfg: RunConfig, prepared: Prepared, device: torch.device, model_dirs: list[Path]) -> None:
+    """Scores `model_dirs` (model i on rank i mod N). A rank waits for a model of its own
+    until its DONE.json is there, as long as the run's training roles beat (other ranks
+    may still be training it); rank 0 waits for the other ranks' results as long as their
+    evaluation beats."""
     rank, world = dist.get_rank(), dist.get_world_size()
     eval_dir = cfg.run_path / "eval"
+    stall_s = cfg.run.stall_timeout_s
     specs = run_test_sets(cfg, prepared)
     fingerprints = {spec.name: prepared.test_set(spec.name).info["fingerprint"] for spec in specs}
     models = [(model_name(d), d) for d in model_dirs]
-    for i, (name, model_dir) in enumerate(models):
-        if i % world != rank:
-            continue
-        wait_for_files([model_dir / "DONE.json"], timeout_s, f"model {name} never finished")
-        out = eval_dir / f"{name}.json"
-        if not _is_current(out, model_dir, fingerprints):
-            write_json(out, evaluate_model(model_dir, cfg, prepared, device))
+    heartbeat = Heartbeat(role_heartbeat(cfg.run_path, "eval", rank), "eval")
+    with heartbeat.guard():
+        for i, (name, model_dir) in enumerate(models):
+            if i % world != rank:
+                continue
+            wait_for_run_files(cfg.run_path, [model_dir / "DONE.json"], stall_s, f"evaluation waiting for model {name}")
+            heartbeat.beat(i)
+            out = eval_dir / f"{name}.json"
+            if not _is_current(out, model_dir, fingerprints):
+                write_json(out, evaluate_model(model_dir, cfg, prepared, device, heartbeat))
+        heartbeat.beat(len(models), state=FINISHED)
     if rank != 0:
         return
     outs = [eval_dir / f"{name}.json" for name, _ in models]
-    wait_for_files(outs, timeout_s, "evaluation results missing")
-    # A result another rank is still rewriting (a test set was added) is waited for too.
-    deadline = time.monotonic() + timeout_s
-    while stale := [str(out) for out, (_, d) in zip(outs, models) if not _is_current(out, d, fingerprints)]:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"evaluation results not rewritten for the current test sets after {timeout_s:.0f} s: "
-                               f"{stale}")
-        time.sleep(1.0)
+    # Results another rank is still writing (or rewriting, a test set was added).
+    watch = StallWatch(lambda: role_heartbeats(cfg.run_path, "eval"), stall_s, "evaluation waiting for results")
+    stale = lambda: [str(out) for out, (_, d) in zip(outs, models) if not _is_current(out, d, fingerprints)]  # noqa: E731
+    wait_until(lambda: not stale(), watch, lambda: f" (not current: {stale()})")
     reports = {name: json.loads((eval_dir / f"{name}.json").read_text()) for name, _ in models}
     monitor = Monitor(cfg.run_path, "eval", enabled=True)
     for name, rep in reports.items():

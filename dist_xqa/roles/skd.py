@@ -38,7 +38,7 @@ from dist_xqa.data.records import QAExample
 from dist_xqa.distributed import TrainingGroup, build_engine, release_engine
 from dist_xqa.inference import model_inputs
 from dist_xqa.logits import Manifest, Producer, ShardPlan, StoreReader, hash_checkpoint
-from dist_xqa.logits.files import wait_for_files
+from dist_xqa.logits.heartbeat import wait_for_run_files
 from dist_xqa.logits.order import rank_rows
 from dist_xqa.logits.shards import dense_logits
 from dist_xqa.models import build_model, load_trained, save_hf
@@ -124,7 +124,8 @@ def initial_model(cfg: RunConfig, tokenizer) -> torch.nn.Module:
     skd = cfg.strategy.skd
     if skd.phase1:
         phase1 = cfg.run_path / "models" / PHASE1_JOB
-        wait_for_files([phase1 / "DONE.json"], cfg.run.stall_timeout_s, "skd phase 1 not finished")
+        wait_for_run_files(cfg.run_path, [phase1 / "DONE.json"], cfg.run.stall_timeout_s,
+                           "self-distillation waiting for its phase-1 model", expected=[f"model_{PHASE1_JOB}"])
         return load_trained(phase1)
     if skd.init_from:
         return load_trained(skd.init_from)
@@ -139,7 +140,8 @@ class Generation:
         self.epoch, self.plan, self.reader, self.producer = epoch, plan, reader, producer
 
     def produce_once(self) -> bool:
-        return self.producer is not None and not self.producer.finished and self.producer.step()
+        # `finished` is only a hint (a stale progress file can set it): step regardless
+        return self.producer is not None and self.producer.step()
 
     def rows(self, position: int, row_of: dict[int, int]) -> tuple[list[int], object, object]:
         """(feature rows, teacher start, teacher end) of the batch at `position`; the teacher's
