@@ -6,7 +6,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from dist_xqa.monitor import progress
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -29,10 +30,13 @@ def predict_logits(model: torch.nn.Module, features, batch_size: int, device: to
     was_training = model.training
     model.eval()
     starts, ends = [], []
-    for i in tqdm(range(0, len(rows), batch_size), desc=desc, disable=desc is None, leave=False):
-        out = model(**model_inputs(features, rows[i:i + batch_size], device))
-        starts.append(out.start_logits.float().cpu().numpy())
-        ends.append(out.end_logits.float().cpu().numpy())
+    batches = range(0, len(rows), batch_size)
+    with progress(len(batches), desc or "", enabled=desc is not None, unit="batch") as bar:
+        for i in batches:
+            out = model(**model_inputs(features, rows[i:i + batch_size], device))
+            starts.append(out.start_logits.float().cpu().numpy())
+            ends.append(out.end_logits.float().cpu().numpy())
+            bar.update(1)
     model.train(was_training)
     if not starts:
         width = len(features[0]["input_ids"]) if len(features) else 0

@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stage", choices=STAGES, default="all")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. student.epochs=2 run_dir=/tmp/r")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may follow key=value overrides
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from dist_xqa.data.records import Answer, QAExample
 from dist_xqa.eval.gold import read_gold
 from dist_xqa.eval.metrics import normalize_mlqa, normalize_squad
 from dist_xqa.evaluate import exact_match, f1, max_over_ground_truths, normalizer, score
+from test_testsets import mlqa_normalize, official_evaluate, squad_normalize
 
 REPO = Path(__file__).resolve().parents[1]
 XQUAD = Path(os.environ.get("DIST_XQA_XQUAD", REPO.parent / "shared" / "data" / "xquad"))
@@ -287,17 +289,96 @@ def test_xquad_gold_answers_score_100(lang, normalization):
     assert report["pooled"] == {"exact_match": 100.0, "f1": 100.0, "count": 1190, "unanswered": 0}
 
 
+def near_gold(gold: str, kind: int) -> str | None:
+    """A prediction for the gold answer `gold`: equal to it up to case, ASCII punctuation,
+    English articles and whitespace (kinds 1-3), or wrapped in non-ASCII punctuation, partly
+    right, wrong, or missing (None)."""
+    kind %= 8
+    if kind == 0:
+        return gold
+    if kind == 1:
+        return f"The {gold.upper()}!"
+    if kind == 2:
+        return f"  an {gold} ,  a "
+    if kind == 3:
+        return "".join(ch for ch in gold if ch not in string.punctuation).title().replace(" ", "\t ")
+    if kind == 4:
+        return f"«{gold}»"
+    if kind == 5:
+        return "completely wrong words"
+    if kind == 6:
+        return gold.split()[0] + " ,"
+    return None
+
+
+def near_gold_predictions(dataset: list[dict], shift: int = 0) -> dict[str, str]:
+    """{question id: prediction} over every question of a SQuAD-format `data` list."""
+    predictions = {}
+    i = 0
+    for article in dataset:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                prediction = near_gold(qa["answers"][0]["text"], i + shift)
+                i += 1
+                if prediction is not None:
+                    predictions[qa["id"]] = prediction
+    return predictions
+
+
+def xquad_data(lang: str) -> list[dict]:
+    return json.loads((XQUAD / f"xquad.{lang}.json").read_text(encoding="utf-8"))["data"]
+
+
 @needs_xquad
-def test_cli_matrix_on_xquad_gold_answers(tmp_path):
-    pairs = {}
-    for p in XQUAD_LANGS:
-        answers = {ex.id: ex.answers[0].text for ex in read_gold(XQUAD / f"xquad.{p}.json", p)}
-        pairs.update({f"{q}-{p}": answers for q in XQUAD_LANGS})
-    predictions = tmp_path / "gold.json"
+@pytest.mark.parametrize(
+    "lang, normalization",
+    [(lang, "squad") for lang in XQUAD_LANGS] + [(lang, "mlqa") for lang in ("en", "es", "de")],
+)
+def test_xquad_near_gold_predictions_score_as_the_official_scripts(lang, normalization):
+    dataset = xquad_data(lang)
+    by_id = near_gold_predictions(dataset)
+    normalize = squad_normalize if normalization == "squad" else (lambda s: mlqa_normalize(s, lang))
+    expected = official_evaluate(dataset, by_id, normalize)
+    # the case discriminates: an identity normaliser would score it lower
+    assert official_evaluate(dataset, by_id, lambda s: s)["exact_match"] < expected["exact_match"] - 20
+    assert 0 < expected["exact_match"] < expected["f1"] < 100
+    examples = read_gold(XQUAD / f"xquad.{lang}.json", lang)
+    report = score(examples, {ex.key: by_id[ex.id] for ex in examples if ex.id in by_id}, normalization)
+    assert report["pooled"] == {
+        "exact_match": pytest.approx(expected["exact_match"], rel=1e-9),
+        "f1": pytest.approx(expected["f1"], rel=1e-9),
+        "count": 1190,
+        "unanswered": 1190 - len(by_id),
+    }
+
+
+@needs_xquad
+def test_cli_matrix_on_xquad_scores_as_the_official_script(tmp_path):
+    # pair q-p: passage (and answers) in p; each question language shifts which questions get
+    # which kind of prediction, so every cell of the matrix differs from its neighbours.
+    data = {p: xquad_data(p) for p in XQUAD_LANGS}
+    pairs, expected = {}, {"exact_match": [], "f1": []}
+    for qi, q in enumerate(XQUAD_LANGS):
+        row = {"exact_match": [], "f1": []}
+        for p in XQUAD_LANGS:
+            pairs[f"{q}-{p}"] = near_gold_predictions(data[p], shift=qi)
+            official = official_evaluate(data[p], pairs[f"{q}-{p}"], squad_normalize)
+            for metric in row:
+                row[metric].append(pytest.approx(official[metric], rel=1e-9))
+        for metric in row:
+            expected[metric].append(row[metric])
+    predictions = tmp_path / "near_gold.json"
     predictions.write_text(json.dumps(pairs, ensure_ascii=False), encoding="utf-8")
     run = run_cli(XQUAD, predictions, "--matrix", "--languages", ",".join(XQUAD_LANGS))
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
-    assert report["pooled"]["count"] == 36 * 1190 and report["pooled"]["unanswered"] == 0
-    assert report["matrix"]["exact_match"] == [[100.0] * 6] * 6 == report["matrix"]["f1"]
-    assert report["xlt"]["f1"] == report["g_xlt"]["f1"] == 100.0
+    n = len(XQUAD_LANGS)
+    missing = sum(1190 - len(answers) for answers in pairs.values())
+    assert report["pooled"]["count"] == n * n * 1190 and report["pooled"]["unanswered"] == missing
+    assert report["matrix"]["languages"] == XQUAD_LANGS
+    assert report["matrix"]["exact_match"] == expected["exact_match"]
+    assert report["matrix"]["f1"] == expected["f1"]
+    diagonal = [expected["f1"][i][i].expected for i in range(n)]
+    off_diagonal = [expected["f1"][i][j].expected for i in range(n) for j in range(n) if i != j]
+    assert report["xlt"]["f1"] == pytest.approx(sum(diagonal) / n, rel=1e-9)
+    assert report["g_xlt"]["f1"] == pytest.approx(sum(off_diagonal) / (n * n - n), rel=1e-9)

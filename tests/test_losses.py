@@ -49,12 +49,61 @@ def test_imp_weights_hand_computed(sign):
     assert (weights[0, 0] > weights[0, 1]) == (sign < 0)
 
 
-def test_imp_kd_uses_the_entropy_weights():
+def _independent_imp_kd(student, teachers, mask, tau, sign):
+    """The imp KD loss and weights written out row by row from the method's definition, with
+    no code from dist_xqa: only the valid positions of a row enter any softmax."""
+    k, rows, _ = teachers.shape
+    weights, row_losses = torch.zeros(rows, k, dtype=torch.float64), []
+    for r in range(rows):
+        valid = mask[r]
+        if not valid.any():
+            weights[r] = 1.0 / k
+            continue
+        entropy = torch.zeros(k, dtype=torch.float64)
+        for t in range(k):
+            z = teachers[t, r][valid].double()
+            p = torch.exp(z - z.max())
+            p = p / p.sum()
+            entropy[t] = -(p * torch.log(p)).sum()
+        e = torch.exp(sign * entropy - (sign * entropy).max())
+        weights[r] = e / e.sum()
+        z = sum(weights[r, t] * teachers[t, r][valid].double() for t in range(k)) / tau
+        p_teacher = torch.exp(z - z.max())
+        p_teacher = p_teacher / p_teacher.sum()
+        s = student[r][valid].detach().double() / tau
+        log_p_student = s - s.max() - torch.log(torch.exp(s - s.max()).sum())
+        row_losses.append(-tau * tau * (p_teacher * log_p_student).sum())
+    loss = torch.stack(row_losses).mean() if row_losses else torch.tensor(0.0, dtype=torch.float64)
+    return loss, weights
+
+
+@pytest.mark.parametrize("sign", [-1.0, 1.0])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_imp_kd_uses_the_entropy_weights(sign, tau):
+    # Masked positions hold large values: they would change both the entropies and the
+    # aggregated distribution if they leaked into a softmax.
+    student, teachers, mask = _random_kd_case(rows=7, length=9, k=3, seed=3)
+    mask[2] = False
+    teachers = torch.where(mask, teachers, 12.0)
+    student = torch.where(mask, student.detach(), -7.0)
+    expected_loss, expected_weights = _independent_imp_kd(student, teachers, mask, tau, sign)
+    # the case discriminates: the weights are far from uniform (beyond the tolerance below)
+    assert (expected_weights[mask.any(-1)] - 1 / 3).abs().max() > 0.05
+    loss, weights = losses.entropy_weighted_kd(student, teachers, mask, tau=tau, mode="imp", sign=sign)
+    assert torch.allclose(weights.double(), expected_weights, atol=1e-5)
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
+
+
+def test_imp_kd_hand_computed():
+    # teacher 1 over [4 ln3, 0] has entropy h1 < ln 2 = entropy of teacher 2 (uniform); at
+    # sign -1: w1 = 1 / (1 + exp(h1 - ln 2)); z = [w1 * 4 ln3, 0]; p_S = softmax([0, 2 ln3]).
+    h1 = _entropy([81 / 82, 1 / 82])
+    w1 = 1 / (1 + math.exp(h1 - math.log(2)))
     loss, weights = losses.entropy_weighted_kd(STUDENT, TEACHERS, MASK, tau=1.0, mode="imp")
-    w1 = weights[0, 0].item()
-    z = [w1 * 4 * LN3, 0.0]
-    p_t = [math.exp(z[0]) / (math.exp(z[0]) + 1), 1 / (math.exp(z[0]) + 1)]
-    p_s = [0.1, 0.9]  # softmax([0, 2 ln3]) at tau = 1
+    assert weights[0, 0].item() == pytest.approx(w1, rel=1e-6)
+    e = math.exp(w1 * 4 * LN3)
+    p_t = [e / (e + 1), 1 / (e + 1)]
+    p_s = [0.1, 0.9]
     expected = -(p_t[0] * math.log(p_s[0]) + p_t[1] * math.log(p_s[1]))
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 

@@ -28,15 +28,16 @@ def test_pretrained_minilm_trains_and_is_scored_on_xquad_and_mlqa_format_test_se
         for q in ("en", "de"):
             write(mlqa / f"test-context-{c}-question-{q}.json", mlqa_pair(docs[c], docs[q]))
     run_dir = tmp_path / "run"
-    result = launch(
-        run_dir, "data.source=squad", f"data.train.folder={train}", "data.train.pattern=xquad.{lang}.json",
+    base = (
+        "data.source=squad", f"data.train.folder={train}", "data.train.pattern=xquad.{lang}.json",
         "data.train.languages=[en, es]", "data.train.split={train: [0, 2], dev: [2, 3]}",
-        f"data.test=[{{name: xquad, folder: {xq}, pattern: 'xquad.{{lang}}.json', languages: [en, es, de]}}, "
-        f"{{name: mlqa, folder: {mlqa}, format: mlqa, normalization: mlqa, languages: [en, de]}}]",
         f"model.name={minilm.get_model_path()}", "model.max_length=192", "model.doc_stride=64",
         "data.max_train_examples=96", "teacher.epochs=1", "student.epochs=1", "teacher.lr=1e-4",
         "student.lr=1e-4", "teacher.micro_batch_size=8", "student.micro_batch_size=8",
         "distill.lookahead_shards=2")
+    xquad_set = f"{{name: xquad, folder: {xq}, pattern: 'xquad.{{lang}}.json', languages: [en, es, de]}}"
+    mlqa_set = f"{{name: mlqa, folder: {mlqa}, format: mlqa, normalization: mlqa, languages: [en, de]}}"
+    result = launch(run_dir, *base, f"data.test=[{xquad_set}, {mlqa_set}]")
 
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     assert sorted(summary) == ["student", "teacher_en", "teacher_es"]
@@ -53,3 +54,13 @@ def test_pretrained_minilm_trains_and_is_scored_on_xquad_and_mlqa_format_test_se
     assert "zero-shot: de" in result.stdout
     tags = tensorboard_tags(run_dir / "tb")
     assert {"teacher/en/lr", "student/lr", "eval/student/mlqa/de/f1"} <= tags
+
+    # A test set added later is scored by --stage evaluate; no model is trained again.
+    weights = {p: p.stat().st_mtime_ns for p in run_dir.glob("*/**/model.safetensors")}
+    late = f"{{name: late, folder: {xq}, pattern: 'xquad.{{lang}}.json', languages: [es]}}"
+    launch(run_dir, "--stage", "evaluate", *base, f"data.test=[{xquad_set}, {mlqa_set}, {late}]")
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert all(set(model["test_sets"]) == {"xquad", "mlqa", "late"} for model in summary.values())
+    late_es = summary["student"]["test_sets"]["late"]["per_language"]["es"]
+    assert late_es == summary["student"]["test_sets"]["xquad"]["per_language"]["es"]  # the same file, same model
+    assert weights and {p: p.stat().st_mtime_ns for p in weights} == weights

@@ -22,13 +22,13 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from dist_xqa.config import CheckpointConfig
 from dist_xqa.distributed import TrainingGroup, group_scope
 from dist_xqa.inference import predict_logits
 from dist_xqa.logits.heartbeat import FINISHED, Heartbeat, Preempted, stop_requested
 from dist_xqa.logits.order import rank_rows
+from dist_xqa.monitor import progress
 
 log = logging.getLogger(__name__)
 TAG = re.compile(r"step(\d+)")  # DeepSpeed checkpoint tags: step<global step>
@@ -124,8 +124,8 @@ class GroupLoop:
         state = self.resume()
         while state.epoch < epochs:
             n = steps(state.epoch)
-            bar = tqdm(total=n, initial=state.step_in_epoch, desc=f"{self.desc} epoch {state.epoch + 1}/{epochs}",
-                       disable=not self.show_progress, leave=False)
+            bar = progress(n, f"{self.desc} epoch {state.epoch + 1}/{epochs}", enabled=self.show_progress,
+                           initial=state.step_in_epoch)
             while state.step_in_epoch < n:
                 self._beat(state, "training")
                 train_step(state.epoch, state.step_in_epoch, state)
