@@ -305,6 +305,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads 1e-5 (no dot) as a string; users write learning rates so.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
     return value

@@ -209,6 +209,15 @@ def test_overrides_apply_on_top_of_the_file_in_order():
     assert cfg.student.lr == 1e-5
 
 
+def test_exponent_without_a_dot_is_a_float_in_overrides_and_files(tmp_path):
+    """YAML 1.1 reads 1e-4 as a string; a learning rate written so must still load."""
+    assert load_config(None, ["teacher.lr=1e-4"]).teacher.lr == 1e-4
+    path = write_yaml(tmp_path / "c.yaml", {"student": {"lr": "3e-5"}})
+    path.write_text("student:\n  lr: 3e-5\n")
+    assert load_config(path).student.lr == 3e-5
+    assert "config key 'teacher.lr' must be float" in refused(["teacher.lr=fast"])
+
+
 def test_override_value_may_contain_equals_and_spaces_around_key():
     cfg = load_config(None, ["name=a=b", " seed =7"])
     assert cfg.name == "a=b"

@@ -48,8 +48,9 @@ def test_pretrained_minilm_trains_and_is_scored_on_xquad_and_mlqa_format_test_se
         assert set(xquad["per_language"]) == {"en", "es", "de"} and len(xquad["matrix"]["f1"]) == 3
         assert (mlqa_report["format"], mlqa_report["normalization"]) == ("mlqa", "mlqa")
         assert set(mlqa_report["per_language"]) == {"en", "de"} and mlqa_report["g_xlt"]["pairs"] == 2
-    # The pretrained English encoder learns English QA in these few steps.
-    assert summary["student"]["test_sets"]["xquad"]["per_language"]["en"]["f1"] > 10, summary["student"]
+    # The pretrained English encoder learns some English QA in these 12 steps (16.3 F1 in
+    # the run that set this bound).
+    assert summary["teacher_en"]["test_sets"]["xquad"]["per_language"]["en"]["f1"] > 8, summary["teacher_en"]
     assert "Test set 'xquad'" in result.stdout and "Test set 'mlqa'" in result.stdout
     assert "zero-shot: de" in result.stdout
     tags = tensorboard_tags(run_dir / "tb")
