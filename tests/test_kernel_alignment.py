@@ -171,7 +171,9 @@ def test_env_var_forces_the_path(monkeypatch):
 def test_long_sequences():
     h_t, h_s, t_mask, s_mask = make_case(2, 385, 383, 96)
     (loss, grads), (ref_loss, ref_grads) = run_both(h_t, h_s, t_mask, s_mask)
-    torch.testing.assert_close(loss, ref_loss, **FP32)
+    # The loss sums ~150k terms in another order than the reference: once, in a full CI
+    # session (never alone), it was 1.6e-5 off relative (1.888524 vs 1.888553); rtol 1e-4.
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
     assert_grads_close(grads, ref_grads, **FP32)
 
 
