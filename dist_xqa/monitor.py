@@ -10,6 +10,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import torch
 from typing import Callable, TextIO
 
 from tqdm.auto import tqdm
@@ -173,3 +175,21 @@ def progress(total: int | None, desc: str, enabled: bool = True, initial: int = 
                     position=display_position() if position is None else position)
     return PlainProgress(total, desc, stream, initial=initial, every=every, interval_s=interval_s, unit=unit,
                          clock=clock)
+
+
+class DeviceScalars:
+    """Per-step scalars kept as device tensors and read (one host sync) at `flush`: the
+    step itself never waits for the device to log a loss."""
+
+    def __init__(self, monitor: Monitor):
+        self.monitor = monitor
+        self.pending: dict[str, list] = {}
+
+    def add(self, tag: str, value) -> None:
+        self.pending.setdefault(tag, []).append(value.detach().float())
+
+    def flush(self, step: int) -> None:
+        if self.pending:
+            means = torch.stack([torch.stack(v).mean() for v in self.pending.values()]).cpu().tolist()
+            self.monitor.scalars(dict(zip(self.pending, means)), step)
+            self.pending.clear()

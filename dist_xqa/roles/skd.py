@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from dist_xqa.logits.heartbeat import wait_for_run_files
 from dist_xqa.logits.order import rank_rows
 from dist_xqa.logits.shards import dense_logits
 from dist_xqa.models import build_model, load_trained, save_hf
-from dist_xqa.monitor import Monitor
+from dist_xqa.monitor import DeviceScalars, Monitor
 from dist_xqa.prepare import SKD_PHASE1_JOB, Prepared
 from dist_xqa.roles.finetune import label_tensors, select_and_save, write_done
 from dist_xqa.roles.loop import GroupLoop, LoopState, full_state_dict
@@ -216,13 +215,7 @@ def run_skd(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan,
         current[:] = [Generation(epoch, shard_plan, reader, producer)]
         return current[0]
 
-    pending: dict[str, list[torch.Tensor]] = defaultdict(list)
-
-    def flush(step: int) -> None:
-        if pending:
-            means = torch.stack([torch.stack(v).mean() for v in pending.values()]).cpu().tolist()
-            monitor.scalars(dict(zip(pending, means)), step)
-            pending.clear()
+    scalars = DeviceScalars(monitor)  # read once per flush, not per step
 
     def train_step(epoch: int, position: int, state: LoopState) -> None:
         gen = generation(epoch)
@@ -251,15 +244,15 @@ def run_skd(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan,
             engine.backward(loss.total * scale)
             engine.step()
             for name in ("total", "ce", "kl"):
-                pending[f"student/loss/{name}"].append(getattr(loss, name).detach())
-            pending["student/alpha_kl"].append(loss.alpha_kl)
+                scalars.add(f"student/loss/{name}", getattr(loss, name))
+            scalars.add("student/alpha_kl", loss.alpha_kl)
         if state.global_step % LOG_EVERY == 0:
-            flush(state.global_step)
+            scalars.flush(state.global_step)
             monitor.scalar("student/lr", engine.get_lr()[0], state.global_step)
         monitor.throughput(len(rows), state.global_step)
 
     def end_of_epoch(epoch: int, state: LoopState) -> None:
-        flush(state.global_step)
+        scalars.flush(state.global_step)
         select_and_save(engine, tokenizer, dev_features, dev_examples, out_dir, cfg, group, state, epoch,
                         monitor, "student", device)
 

@@ -36,7 +36,7 @@ from dist_xqa.config import RunConfig, XstaConfig
 from dist_xqa.distributed import TrainingGroup, build_engine, release_engine
 from dist_xqa.inference import model_inputs, predict_logits
 from dist_xqa.models import build_model, load_trained, save_hf
-from dist_xqa.monitor import Monitor
+from dist_xqa.monitor import DeviceScalars, Monitor
 from dist_xqa.prepare import Prepared
 from dist_xqa.roles.finetune import dev_f1, epoch_order, label_tensors, write_done
 from dist_xqa.roles.loop import GroupLoop, LoopState, full_state_dict, rank_slice
@@ -218,13 +218,7 @@ def run_xsta(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan
                           micro_batch_size=scfg.micro_batch_size, gradient_accumulation_steps=scfg.grad_accum,
                           total_steps=steps * scfg.epochs, warmup_ratio=scfg.warmup_ratio)
     monitor = Monitor(cfg.run_path, "student", enabled=group.rank == 0)
-    pending: dict[str, list[torch.Tensor]] = defaultdict(list)
-
-    def flush(step: int) -> None:
-        if pending:
-            means = torch.stack([torch.stack(v).mean() for v in pending.values()]).cpu().tolist()
-            monitor.scalars(dict(zip(pending, means)), step)
-            pending.clear()
+    scalars = DeviceScalars(monitor)  # read once per flush, not per step
 
     def train_step(epoch: int, i: int, state: LoopState) -> None:
         order = epoch_order(len(pairs), cfg.seed, epoch)
@@ -239,15 +233,15 @@ def run_xsta(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan
             engine.backward(loss.total)
             engine.step()
             for name, value in loss._asdict().items():
-                pending[f"student/loss/{name}"].append(value.detach().float())
+                scalars.add(f"student/loss/{name}", value)
         if state.global_step % LOG_EVERY == 0:
-            flush(state.global_step)
+            scalars.flush(state.global_step)
             monitor.scalar("student/lr", engine.get_lr()[0], state.global_step)
         monitor.throughput(len(batch), state.global_step)
 
     def end_of_epoch(epoch: int, state: LoopState) -> None:
         # Model selection on p_T: the QA model alone on the dev set's examples.
-        flush(state.global_step)
+        scalars.flush(state.global_step)
         qa = engine.module.encoder.qa
         select = cfg.eval.select_on_dev and len(dev_features) > 0
         f1 = dev_f1(qa, dev_features, dev_examples, cfg, device, group) if select else -1.0
