@@ -3,15 +3,22 @@
 
 Same student model, global batch, ranks and feature batches for every variant:
 
-- streamed: the student reads each step's teacher logits from the sharded logit store
-  (dist_xqa.logits.StoreReader) and trains on dist_xqa.losses.student_loss with the
-  entropy-weighted KD (dist_xqa.kernels.entropy_weighted_kd), as roles/student.py's
-  train_student does. The store is ahead of the student: before each timed block the
+- streamed: the student's own train step (roles/student.py StudentTrainStep): its
+  micro-batches from a DataLoader over the features and each step's teacher logits from
+  the sharded logit store (dist_xqa.logits.StoreReader), read ahead on a side thread,
+  then dist_xqa.losses.student_loss with the entropy-weighted KD
+  (dist_xqa.kernels.entropy_weighted_kd), its scalars kept on the device and written every
+  `monitor.every` steps. The store is ahead of the student: before each timed block the
   producers (dist_xqa.logits.Producer, a real teacher forward per shard) have written
   every shard the block reads, so the student never waits on a producer;
 - plain: fine-tuning on the span NLL alone (dist_xqa.losses.span_nll), no teachers;
 - inprocess: the K frozen teachers run forward (no_grad) on the same batch inside each
-  student step, then the same KD loss: what the student would pay without a store.
+  student step, then the same step (roles/student.py student_step): what the student
+  would pay without a store.
+
+Host time per step: the seconds of a step spent outside the engine's forward, backward
+and optimizer step (`outside_engine_ms`: batch assembly, logit reads, waiting for the
+read-ahead, logging, and the loss itself, the same in every version of the step).
 
 Also measured: samples/s of each producer (teacher forward + shard write, per producer
 rank), and the peak logit bytes on disk during the streamed run against the size of a
@@ -65,15 +72,20 @@ import torch.distributed as dist  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from dist_xqa import kernels  # noqa: E402
-from dist_xqa.config import ModelConfig  # noqa: E402
+from dist_xqa.config import DistillConfig, ModelConfig  # noqa: E402
 from dist_xqa.distributed import build_engine, init_distributed, load_ds_config, make_groups, release_engine  # noqa: E402
 from dist_xqa.inference import model_inputs, predict_logits  # noqa: E402
 from dist_xqa.logits import Manifest, Producer, ShardPlan, StoreReader, rank_rows  # noqa: E402
+from dist_xqa.logits.heartbeat import Heartbeat  # noqa: E402
 from dist_xqa.logits.shards import LOGIT_DTYPES, list_shards  # noqa: E402
-from dist_xqa.losses import span_nll, student_loss  # noqa: E402
+from dist_xqa.losses import span_nll  # noqa: E402
 from dist_xqa.models import build_model  # noqa: E402
+from dist_xqa.monitor import Monitor  # noqa: E402
 from dist_xqa.roles.finetune import label_tensors  # noqa: E402
+from dist_xqa.roles.loop import LoopState  # noqa: E402
 from dist_xqa.roles.plan import plan_roles  # noqa: E402
+from dist_xqa.roles.student import (ShardBatches, StudentInputs, StudentScalars, StudentTrainStep,  # noqa: E402
+                                    kd_options, loader_workers, student_step)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "stream_overhead.json"
@@ -212,6 +224,33 @@ def store_usage(store: Path, teachers: list[str]) -> tuple[int, int]:
     return total, shards
 
 
+class TimedEngine:
+    """The engine with the seconds spent in its forward, backward and step counted: the
+    rest of a step is its host-side work (and the loss)."""
+
+    def __init__(self, engine):
+        self.engine, self.seconds = engine, 0.0
+
+    def _timed(self, fn, *args, **kwargs):
+        began = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - began
+
+    def __call__(self, *args, **kwargs):
+        return self._timed(self.engine, *args, **kwargs)
+
+    def backward(self, *args, **kwargs):
+        return self._timed(self.engine.backward, *args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        return self._timed(self.engine.step, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
 def segments(warmup: int, steps: int, block: int) -> list[tuple[range, bool]]:
     """Run-wide shard indices in chunks of at most one look-ahead window: (indices, timed)."""
     out, index = [], 0
@@ -246,7 +285,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     features = synthetic_features(n_features, args.seq_len, args.vocab, teacher_names, args.seed)
     feature_ids = [int(f) for f in features["feature_id"]]
     row_of = {f: i for i, f in enumerate(feature_ids)}
-    context_lang = np.asarray(features["context_lang"])
     shard_plan = ShardPlan(feature_ids, args.batch, args.seed)
     manifest = Manifest.for_plan(
         shard_plan, f"synthetic:L={args.seq_len}:vocab={args.vocab}",
@@ -287,30 +325,26 @@ def main(argv: list[str] | None = None) -> dict | None:
     engine = build_engine(qa_model(args, seed=args.seed + 1), load_ds_config(args.ds_config), group,
                           lr=1e-5, weight_decay=0.005, micro_batch_size=args.batch // world,
                           gradient_accumulation_steps=1)
+    engine = TimedEngine(engine)
 
-    kd_options = dict(lambda1=0.5, lambda2=0.5, tau=2.0, mode=args.aggregation, sign=-1.0,
-                      fixed_weights=(torch.full((args.teachers,), 1 / args.teachers)
-                                     if args.aggregation == "hyper" else None),
-                      kd_fn=kernels.entropy_weighted_kd)
-    logs: dict[str, list[float]] = defaultdict(list)  # kept, as a student's monitor would log them
-    peak = {"stats_bytes": 0, "scan_bytes": 0, "scan_shards": 0}
-    get_seconds = [0.0, 0.0]  # in reader.get, in reader.stats
+    options = kd_options(DistillConfig(aggregation=args.aggregation),
+                         torch.full((args.teachers,), 1 / args.teachers) if args.aggregation == "hyper" else None)
+    languages = sorted(set(features["context_lang"]))
+    batches = ShardBatches(features, shard_plan, 0, group.rank, group.size, 1, languages)  # D is one epoch
+    inputs = StudentInputs(lambda epoch: batches, reader, device, loader_workers(device))
+    # the student's TensorBoard writes go into the temporary store directory
+    monitor = Monitor(store, "student", enabled=group.rank == 0)
+    imp = args.aggregation == "imp"
+    train_step = StudentTrainStep(engine, inputs, options, StudentScalars(monitor, languages, teacher_names, imp),
+                                  monitor, reader, Heartbeat(store / f"student.{rank}.heartbeat.json", "student"), [])
+    inprocess_scalars = StudentScalars(Monitor(store, "inprocess", enabled=group.rank == 0), languages,
+                                       teacher_names, imp)
+    logs: dict[str, list[float]] = defaultdict(list)  # kept, as a plain fine-tuning loop logs them
+    peak = {"scan_bytes": 0, "scan_shards": 0}
 
     def rows_at(index: int) -> list[int]:
         ids = shard_plan.features(shard_plan.shard_at(index))
         return [row_of[f] for f in ids[rank_rows(len(ids), group.rank, group.size)]]
-
-    def log_kd(loss, rows: list[int]) -> None:
-        # the per-step logging of train_student (its host syncs are part of a student step)
-        logs["nll"].append(loss.nll.item())
-        logs["kd"].append(loss.kd.item())
-        langs = np.concatenate([context_lang[rows]] * 2)
-        kd_rows = loss.kd_rows.cpu().numpy()
-        for lang in np.unique(langs):
-            logs[f"kd_by_branch/{lang}"].append(float(kd_rows[langs == lang].mean()))
-        if args.aggregation == "imp":
-            for k, t in enumerate(teacher_names):
-                logs[f"teacher_weight/{t}"].append(loss.weights[:, k].mean().item())
 
     def plain_step(index: int) -> None:
         rows = rows_at(index)
@@ -322,37 +356,23 @@ def main(argv: list[str] | None = None) -> dict | None:
         logs["plain_nll"].append(loss.item())
 
     def streamed_step(index: int) -> None:
-        began = time.perf_counter()
-        shard = reader.get(*shard_plan.locate(index))
-        get_seconds[0] += time.perf_counter() - began
-        part = rank_rows(len(shard.feature_ids), group.rank, group.size)
-        rows = [row_of[int(f)] for f in shard.feature_ids[part]]
-        out = engine(**model_inputs(features, rows, device))
-        mask, start_pos, end_pos = label_tensors(features, rows, device)
-        loss = student_loss(out.start_logits.float(), out.end_logits.float(),
-                            shard.start[:, part].to(device).float(), shard.end[:, part].to(device).float(),
-                            mask, start_pos, end_pos, **kd_options)
-        engine.backward(loss.total)
-        engine.step()
-        log_kd(loss, rows)
-        began = time.perf_counter()
-        peak["stats_bytes"] = max(peak["stats_bytes"], reader.stats().bytes_on_disk)
-        get_seconds[1] += time.perf_counter() - began
+        epoch, position = shard_plan.locate(index)
+        train_step(epoch, position, LoopState(epoch=epoch, step_in_epoch=position, global_step=index))
 
     def inprocess_step(index: int) -> None:
-        rows = rows_at(index)
-        inputs = model_inputs(features, rows, device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            outs = [teachers[t](**inputs) for t in teacher_names]
-        t_start = torch.stack([o.start_logits.float() for o in outs])
-        t_end = torch.stack([o.end_logits.float() for o in outs])
-        out = engine(**inputs)
-        mask, start_pos, end_pos = label_tensors(features, rows, device)
-        loss = student_loss(out.start_logits.float(), out.end_logits.float(), t_start, t_end,
-                            mask, start_pos, end_pos, **kd_options)
-        engine.backward(loss.total)
-        engine.step()
-        log_kd(loss, rows)
+        batch = batches[shard_plan.locate(index)[1]]
+        micro = []
+        for m in batch.micro:
+            inputs = {k: v.to(device) for k, v in m.inputs.items()}
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                outs = [teachers[t](**inputs) for t in teacher_names]
+            micro.append(m._replace(inputs=inputs, mask=m.mask.to(device), start=m.start.to(device),
+                                    end=m.end.to(device), langs=m.langs.to(device),
+                                    teacher_start=torch.stack([o.start_logits.float() for o in outs]),
+                                    teacher_end=torch.stack([o.end_logits.float() for o in outs])))
+        student_step(engine, batch._replace(micro=micro), options, inprocess_scalars)
+        if inprocess_scalars.scalars.due(index):
+            inprocess_scalars.scalars.flush(index)
 
     steps = {"plain": plain_step, "streamed": streamed_step, "inprocess": inprocess_step}
     produced: dict[str, list[tuple[int, float]]] = defaultdict(list)  # teacher -> (features, seconds) per shard
@@ -376,16 +396,21 @@ def main(argv: list[str] | None = None) -> dict | None:
         barrier()
         sync(device)
         began = time.perf_counter()
+        engine.seconds = 0.0
         run(index)
         sync(device)
-        return time.perf_counter() - began
+        took = time.perf_counter() - began
+        outside[variant_of[run]].append(took - engine.seconds)
+        return took
 
     step_seconds: dict[str, list[float]] = defaultdict(list)  # variant -> seconds of each timed step
+    outside: dict[str, list[float]] = defaultdict(list)  # variant -> seconds of each step outside the engine
+    variant_of = {run: variant for variant, run in steps.items()}
     wait_before = 0.0
     for number, (indices, is_timed) in enumerate(segments(args.warmup, args.steps, args.lookahead)):
         fill()
         if is_timed and not step_seconds:  # measure the store from the first timed step on
-            wait_before, get_seconds[:] = reader.stats().wait_seconds, [0.0, 0.0]
+            wait_before = inputs.wait_seconds
         for index in indices:  # the variants take turns, step by step, in a rotating order
             for variant in VARIANTS[index % 3:] + VARIANTS[:index % 3]:
                 seconds = timed_step(steps[variant], index)
@@ -402,8 +427,9 @@ def main(argv: list[str] | None = None) -> dict | None:
             dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group.process_group)
             step_seconds[variant] = times.tolist()
 
-    wait_seconds = reader.stats().wait_seconds - wait_before
-    release_engine(engine)
+    wait_seconds = inputs.wait_seconds - wait_before  # the student's, not the read-ahead thread's
+    inputs.close()
+    release_engine(engine.engine)
     engine = None
 
     # Producer rates per teacher, per producer rank; each producer's first shard (one-time
@@ -435,21 +461,23 @@ def main(argv: list[str] | None = None) -> dict | None:
         variants[variant] = dict(samples_per_s=len(times) * global_batch / sum(times), timed_steps=len(times),
                                  seconds=sum(times), median_step_ms=1e3 * statistics.median(times),
                                  samples_per_s_from_median_step=global_batch / statistics.median(times),
-                                 step_ms=[round(1e3 * t, 3) for t in times])
-    variants["streamed"]["store_get_ms_per_step"] = 1e3 * get_seconds[0] / variants["streamed"]["timed_steps"]
-    variants["streamed"]["store_stats_ms_per_step"] = 1e3 * get_seconds[1] / variants["streamed"]["timed_steps"]
+                                 step_ms=[round(1e3 * t, 3) for t in times],
+                                 # the timed steps are the last ones (after the warm-up)
+                                 outside_engine_median_ms=1e3 * statistics.median(outside[variant][-len(times):]),
+                                 outside_engine_mean_ms=1e3 * statistics.mean(outside[variant][-len(times):]))
+    variants["streamed"]["inputs_wait_ms_per_step"] = 1e3 * wait_seconds / variants["streamed"]["timed_steps"]
     variants["streamed"]["wait_seconds"] = wait_seconds
     ratio = variants["streamed"]["samples_per_s"] / variants["plain"]["samples_per_s"]
     ratio_median = variants["plain"]["median_step_ms"] / variants["streamed"]["median_step_ms"]
     # step i of every variant trains on the same features at nearly the same moment: the
     # median of the paired ratios is the estimate least moved by a busy machine
     ratio_paired = statistics.median(p / s for p, s in zip(step_seconds["plain"], step_seconds["streamed"]))
-    store_ms = variants["streamed"]["store_get_ms_per_step"] + variants["streamed"]["store_stats_ms_per_step"]
+    store_ms = variants["streamed"]["inputs_wait_ms_per_step"]
 
     bytes_per_value = torch.tensor([], dtype=LOGIT_DTYPES[args.logits_dtype]).element_size()
     per_shard_logit_bytes = global_batch * 2 * args.seq_len * bytes_per_value
     full = args.teachers * n_features * 2 * args.seq_len * bytes_per_value
-    peak_bytes = max(peak["stats_bytes"], peak["scan_bytes"])
+    peak_bytes = peak["scan_bytes"]
     disk = dict(
         peak_bytes_on_disk=peak_bytes,  # shard files: logits + feature ids + safetensors header
         peak_shard_files=peak["scan_shards"],
@@ -477,7 +505,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         ratio_streamed_over_plain=ratio,
         ratio_streamed_over_plain_from_median_step=ratio_median,
         ratio_streamed_over_plain_paired_median=ratio_paired,
-        store_ms_per_step_over_plain_median_step=store_ms / variants["plain"]["median_step_ms"],
+        inputs_wait_ms_per_step_over_plain_median_step=store_ms / variants["plain"]["median_step_ms"],
         ratio_inprocess_over_plain=variants["inprocess"]["samples_per_s"] / variants["plain"]["samples_per_s"],
         target_ratio=TARGET_RATIO,
         meets_target=ratio >= TARGET_RATIO,
@@ -495,8 +523,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               f"{v['median_step_ms']:>15.1f} {v['timed_steps']:>6} {v['seconds']:>8.2f}")
     print(f"streamed / plain = {ratio:.3f} (from median steps {ratio_median:.3f}, median of paired steps "
           f"{ratio_paired:.3f}; "
-          f"target >= {TARGET_RATIO}); store get {variants['streamed']['store_get_ms_per_step']:.1f} ms/step, "
-          f"stats {variants['streamed']['store_stats_ms_per_step']:.1f} ms/step, "
+          f"target >= {TARGET_RATIO}); waiting for inputs {variants['streamed']['inputs_wait_ms_per_step']:.1f} ms/step, "
           f"waited {wait_seconds:.2f} s")
     for t, p in producer_report.items():
         rate = "n/a" if p["samples_per_s"] is None else f"{p['samples_per_s']:.2f}"
@@ -505,6 +532,9 @@ def main(argv: list[str] | None = None) -> dict | None:
           f"full precompute {full / 2**20:.2f} MiB (K x |D| x 2 x L x {bytes_per_value} B, |D| = {n_features})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print("host ms per step (outside the engine; median, mean): " + ", ".join(
+        f"{v} {variants[v]['outside_engine_median_ms']:.1f}, {variants[v]['outside_engine_mean_ms']:.1f}"
+        for v in VARIANTS))
     print(f"wrote {args.out}")
     return report
 

@@ -122,12 +122,31 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 3
     lr: float = 1e-5
-    micro_batch_size: int = 16
-    grad_accum: int = 1
+    micro_batch_size: int = 16  # per rank; with global_batch_size: the largest micro-batch allowed
+    grad_accum: int = 1  # with global_batch_size: derived (leave it at 1)
     weight_decay: float = 0.005
     # Linear warmup over this fraction of the optimizer steps, then linear decay to 0
     # (DeepSpeed's WarmupDecayLR in the engine).
     warmup_ratio: float = 0.1
+    # Rows per optimizer step over the whole role group, whatever its number of ranks:
+    # see batch_for_group. null: micro_batch_size x grad_accum x the group's ranks.
+    global_batch_size: int | None = None
+
+
+def batch_for_group(train: TrainConfig, group_size: int) -> TrainConfig:
+    """`train` with micro_batch_size and grad_accum as a group of `group_size` ranks runs
+    them. With global_batch_size each rank takes global / group_size rows a step, in
+    grad_accum micro-batches of the largest size up to micro_batch_size that divides them
+    evenly, so the step's rows, and with them the hyperparameters, are the same on any
+    number of ranks. ValueError when group_size does not divide global_batch_size (train.py
+    refuses such a plan at start-up, naming the group)."""
+    if train.global_batch_size is None:
+        return train
+    per_rank, rest = divmod(train.global_batch_size, group_size)
+    if rest or not per_rank:
+        raise ValueError(f"global_batch_size {train.global_batch_size} does not split over {group_size} ranks")
+    accum = next(a for a in range(-(-per_rank // train.micro_batch_size), per_rank + 1) if per_rank % a == 0)
+    return dataclasses.replace(train, micro_batch_size=per_rank // accum, grad_accum=accum)
 
 
 @dataclass
@@ -145,6 +164,9 @@ class DistillConfig:
     # Store each teacher logit row as its top k logits, their positions and the log-sum-exp
     # of the rest (4k + 4 bytes a row instead of 2L); null: dense. See benchmarks/RESULTS.md.
     store_topk: int | None = None
+    # A control (lbmrc): each shard's teacher logit rows are moved to other rows of the
+    # shard (seeded), so the student gets logits of the same scale but no information.
+    placebo_shuffle: bool = False
 
 
 @dataclass
@@ -168,6 +190,12 @@ class XstaConfig:
     # At inference average (p_T|S + p_T) / 2 when the test example's source-language version
     # exists; false: p_T alone ("calibration off at inference").
     calibrate_at_inference: bool = True
+    # Evaluation (translate-test, the paper): a test example whose source-language version is
+    # in its set (parallel sets: the set's own source file, an oracle translation) is scored
+    # from the pair; others by p_T alone. false: p_T alone everywhere. Either way the eval
+    # output also holds p_T alone; this key and calibrate_at_inference act at evaluation only
+    # (`--stage evaluate strategy.xsta.translate_test=false` rescores without retraining).
+    translate_test: bool = True
     # Normalise the final states the calibration attention reads with batch token statistics
     # (padding excluded; running statistics at inference); false: "w/o normalisation".
     normalize: bool = True
@@ -239,6 +267,9 @@ class RunSettings:
     # beat (or a failed beat) stops it, naming the stalled role, its step and its log.
     # Also the process groups' timeout, so rank 0's data preparation gets this long.
     stall_timeout_s: float = 1800.0
+    # Rank 0 estimates the run's peak disk use after data preparation and refuses a run
+    # that will not fit the free space of run_dir (dist_xqa/disk.py); false: skip it.
+    check_disk: bool = True
 
 
 @dataclass
@@ -248,12 +279,29 @@ class CheckpointConfig:
 
 
 @dataclass
+class PlanConfig:
+    """`plan`: how the ranks are split among roles (dist_xqa/roles/plan.py). Teacher groups
+    get ranks in proportion to their training features either way."""
+
+    student_min_ranks: int = 1  # the smallest student group beside dedicated producers
+    # auto: dedicated producer ranks when the world has room for student_min_ranks beside
+    # one producer per teacher, else shared; dedicated (refused when there is no room);
+    # shared: every rank is a student rank and produces too.
+    producers: str = "auto"
+    # A producer rank's logit rows/s over a student rank's features/s (a forward against
+    # a forward + backward: 3). Producers are sized so ratio x producers >= student ranks;
+    # set it below the measured ratio to keep the store further ahead.
+    producer_speed_ratio: float = 3.0
+
+
+@dataclass
 class RunConfig:
     name: str = "demo"
     run_dir: str | None = None  # default runs/<name> under the working directory
     seed: int = 0
     run: RunSettings = field(default_factory=RunSettings)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -506,6 +554,11 @@ def validate(cfg: RunConfig) -> None:
         need(sum(k.weights[t] for t in cfg.teacher_languages) > 0,
              f"distill.weights of the teachers in use {cfg.teacher_languages} are all zero")
     need(k.tau > 0, f"distill.tau must be positive, got {k.tau}")
+    # lambda_kd = 0 is a control: the student trains on NLL over D alone.
+    need(k.lambda_nll >= 0 and k.lambda_kd >= 0 and k.lambda_nll + k.lambda_kd > 0,
+         f"distill.lambda_nll and distill.lambda_kd must be >= 0, not both 0; got {k.lambda_nll} and {k.lambda_kd}")
+    need(not k.placebo_shuffle or s.name == "lbmrc",
+         f"distill.placebo_shuffle is a control of strategy lbmrc, not of '{s.name}'")
     need(k.lookahead_shards >= 1, "distill.lookahead_shards must be at least 1")
     need(k.store_mode in ("window", "cache"), f"distill.store_mode must be window or cache, got '{k.store_mode}'")
     need(k.logits_dtype in ("float16", "bfloat16"), "distill.logits_dtype must be float16 or bfloat16")
@@ -517,8 +570,18 @@ def validate(cfg: RunConfig) -> None:
         need(t.lr > 0, f"{role}.lr must be positive")
         need(0 <= t.warmup_ratio < 1, f"{role}.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
         need(t.micro_batch_size >= 1 and t.grad_accum >= 1, f"{role}.micro_batch_size and grad_accum must be >= 1")
+        need(t.global_batch_size is None or t.global_batch_size >= 1,
+             f"{role}.global_batch_size must be null or at least 1, got {t.global_batch_size}")
+        need(t.global_batch_size is None or t.grad_accum == 1,
+             f"{role}.grad_accum is derived from {role}.global_batch_size: leave it at 1 (got {t.grad_accum}), "
+             f"or set {role}.global_batch_size: null")
     need(0 <= cfg.model.doc_stride < cfg.model.max_length,
          "model.doc_stride must be at least 0 and smaller than model.max_length")
     need(cfg.checkpoint.every >= 1, f"checkpoint.every must be at least 1, got {cfg.checkpoint.every}")
     need(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be at least 1 (the resume point), got {cfg.checkpoint.keep}")
     need(cfg.run.stall_timeout_s > 0, f"run.stall_timeout_s must be positive, got {cfg.run.stall_timeout_s}")
+    p = cfg.plan
+    need(p.student_min_ranks >= 1, f"plan.student_min_ranks must be at least 1, got {p.student_min_ranks}")
+    need(p.producers in ("auto", "dedicated", "shared"),
+         f"plan.producers must be auto, dedicated or shared, got '{p.producers}'")
+    need(p.producer_speed_ratio > 0, f"plan.producer_speed_ratio must be positive, got {p.producer_speed_ratio}")

@@ -17,10 +17,15 @@ from typing import Callable, TextIO
 from tqdm.auto import tqdm
 
 
-class Monitor:
-    """Scalars under `<run>/tb/<role>/`; a no-op on ranks that do not write."""
+LOG_EVERY = 10  # optimizer steps between writes of per-step scalars (one host sync each)
 
-    def __init__(self, run_dir: Path, role: str, enabled: bool):
+
+class Monitor:
+    """Scalars under `<run>/tb/<role>/`; a no-op on ranks that do not write. `every`: the
+    logging interval of per-step scalars kept on the device (DeviceScalars)."""
+
+    def __init__(self, run_dir: Path, role: str, enabled: bool, every: int = LOG_EVERY):
+        self.every = every
         if enabled:
             from torch.utils.tensorboard import SummaryWriter  # heavy: only where it writes
             self.writer = SummaryWriter(str(Path(run_dir) / "tb" / role))
@@ -179,17 +184,51 @@ def progress(total: int | None, desc: str, enabled: bool = True, initial: int = 
 
 class DeviceScalars:
     """Per-step scalars kept as device tensors and read (one host sync) at `flush`: the
-    step itself never waits for the device to log a loss."""
+    step itself never waits for the device to log a loss. `add` keeps one value a call;
+    `add_each` one value for each of several tags, counted only where `present` (e.g. the
+    KD loss by passage language, of the languages a micro-batch has). A tag's logged value
+    is the mean of its values since the last flush."""
 
     def __init__(self, monitor: Monitor):
         self.monitor = monitor
         self.pending: dict[str, list] = {}
+        self.grouped: dict[tuple[str, ...], list[tuple]] = {}
 
     def add(self, tag: str, value) -> None:
         self.pending.setdefault(tag, []).append(value.detach().float())
 
+    def add_each(self, tags: tuple[str, ...], values, present=None) -> None:
+        values = values.detach().float()
+        self.grouped.setdefault(tuple(tags), []).append(
+            (values, torch.ones_like(values) if present is None else present.float()))
+
+    def due(self, step: int) -> bool:
+        """Whether `step` is one that flushes (every `monitor.every` steps)."""
+        return step % self.monitor.every == 0
+
     def flush(self, step: int) -> None:
-        if self.pending:
-            means = torch.stack([torch.stack(v).mean() for v in self.pending.values()]).cpu().tolist()
-            self.monitor.scalars(dict(zip(self.pending, means)), step)
+        if self.monitor.writer is None:  # a rank that does not write never reads them
             self.pending.clear()
+            self.grouped.clear()
+            return
+        if not (self.pending or self.grouped):
+            return
+        parts = []
+        if self.pending:
+            parts.append(torch.stack([torch.stack(v).mean() for v in self.pending.values()]))
+        for tags, items in self.grouped.items():
+            values, present = torch.stack([v for v, _ in items]), torch.stack([p for _, p in items])
+            counts = present.sum(0)
+            # a tag never present since the last flush is not logged: marked by a count of 0
+            parts.append(torch.stack([(values * present).sum(0) / counts.clamp(min=1), counts]).flatten())
+        flat = torch.cat(parts).tolist()  # the one host sync
+        scalars = dict(zip(self.pending, flat))
+        offset = len(self.pending)
+        for tags in self.grouped:
+            n = len(tags)
+            means, counts = flat[offset:offset + n], flat[offset + n:offset + 2 * n]
+            scalars.update((tag, mean) for tag, mean, count in zip(tags, means, counts) if count > 0)
+            offset += 2 * n
+        self.monitor.scalars(scalars, step)
+        self.pending.clear()
+        self.grouped.clear()

@@ -25,6 +25,7 @@ from dist_xqa.data.parallel import ParallelSet, load_parallel
 from dist_xqa.data.records import Answer, DataError, QAExample
 from dist_xqa.data.splits import proportional_split, split_parallel
 from dist_xqa.data.testsets import EvalCorpus, eval_files, read_eval_corpus
+from dist_xqa.disk import check_disk
 from dist_xqa.data.tokenizer import ensure_tokenizer
 from dist_xqa.logits.files import read_json, write_json
 from dist_xqa.models import load_tokenizer
@@ -262,6 +263,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     prepared = _prepare_training(cfg)
     for spec in run_test_sets(cfg, prepared):
         _prepare_test_set(spec, prepared)
+    if cfg.run.check_disk:  # before any training: a run that cannot fit its run_dir stops here
+        check_disk(cfg, prepared)
     return prepared
 
 

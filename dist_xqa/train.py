@@ -1,17 +1,22 @@
 """dist_xqa entry point: every rank of the world runs this file.
 
     deepspeed [--num_gpus N] dist_xqa/train.py --deepspeed ds_configs/zero2.json \
-        [--config configs/X.yaml] [--stage teachers|distill|evaluate|all] [key=value ...]
+        [--config configs/X.yaml] [--stage teachers|distill|evaluate|all] [--redo STAGE[,STAGE]]
+        [key=value ...]
 
 With no --config it runs the embedded default (the demo corpus and a tiny model). The
 stages: phase 1 trains the branch teachers (or a baseline's model) in concurrent role
 groups; phase 2 streams teacher logits through the sharded store into the student; then
-every model is evaluated. A finished stage is not redone; an interrupted one resumes.
+every model is evaluated. A finished stage is not redone; an interrupted one resumes. A
+rerun whose settings differ from what a stage was made with stops and names the keys,
+unless --redo names that stage: then it and the stages after it are removed and redone
+(dist_xqa/stages.py).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from datetime import timedelta
@@ -23,10 +28,11 @@ if __package__ in (None, ""):  # run as a script by the launchers: make the pack
 import torch.distributed as dist
 import yaml
 
-from dist_xqa.config import ConfigError, RunConfig, load_config
+from dist_xqa import stages
+from dist_xqa.config import ConfigError, RunConfig, batch_for_group, load_config
 
 log = logging.getLogger("dist_xqa")
-STAGES = ("teachers", "distill", "evaluate", "all")
+STAGES = (*stages.STAGES, "all")
 REQUEUE_MARKER = "DIST_XQA_REQUEUE_MARKER"  # env: a file to create when stopped by a signal
 
 
@@ -36,9 +42,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="DeepSpeed JSON config (ZeRO stage, optimizer); precision is switched by the trainer")
     p.add_argument("--config", default=None, help="YAML run config (default: configs/demo.yaml, the embedded demo)")
     p.add_argument("--stage", choices=STAGES, default="all")
+    p.add_argument("--redo", type=_redo_stages, default=frozenset(), metavar="STAGE[,STAGE]",
+                   help=f"remove and redo these stages ({', '.join(stages.STAGES)}) and the ones after them, "
+                        "e.g. after changing a setting they were made with")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. student.epochs=2 run_dir=/tmp/r")
     return p.parse_intermixed_args(argv)  # options may follow key=value overrides
+
+
+def _redo_stages(text: str) -> frozenset[str]:
+    names = frozenset(name.strip() for name in text.split(",") if name.strip())
+    unknown = sorted(names - set(stages.STAGES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown stage(s) {unknown or [text]}; "
+                                         f"choose from {', '.join(stages.STAGES)}")
+    return names
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
@@ -54,11 +72,11 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     root.handlers[:] = [file_handler, console]
 
 
-def run(cfg: RunConfig, ds_config: dict, stage: str) -> None:
+def run(cfg: RunConfig, ds_config: dict, stage: str, redo: frozenset[str] = frozenset()) -> None:
     # Imported here so that a bad config is refused before torch.distributed, DeepSpeed or
     # the data pipeline is loaded.
     from dist_xqa.distributed import init_distributed, make_groups
-    from dist_xqa.prepare import phase1_jobs, prepare, Prepared
+    from dist_xqa.prepare import DISTILL_SET, phase1_jobs, prepare, Prepared
     from dist_xqa.roles.evaluator import evaluate_all
     from dist_xqa.roles.finetune import output_dir, train_job
     from dist_xqa.roles.plan import plan_roles
@@ -72,11 +90,13 @@ def run(cfg: RunConfig, ds_config: dict, stage: str) -> None:
     rank, world, device = ctx.rank, ctx.world_size, ctx.device
     setup_logging(cfg.run_path, rank)
 
-    # Rank 0 prepares the data; a failure there (e.g. a language with no data) stops every
-    # rank with the same message, before any training.
+    # Rank 0 checks what the run directory holds against the settings (and removes what
+    # --redo redoes), then prepares the data; a failure there (a changed setting, a
+    # language with no data) stops every rank with the same message, before any training.
     error = [None]
     if rank == 0:
         try:
+            stages.check_rerun(cfg, redo)
             prepare(cfg)
             (cfg.run_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         except (ConfigError, ValueError, OSError) as err:
@@ -88,20 +108,31 @@ def run(cfg: RunConfig, ds_config: dict, stage: str) -> None:
 
     jobs = phase1_jobs(cfg)
     strategy = cfg.strategy.name
-    student = strategy in ("lbmrc", "skd", "xsta")  # the strategies whose phase 2 trains a student
+    student = strategy in stages.STUDENT_STRATEGIES  # the strategies whose phase 2 trains a student
     # X-STA and self-distillation run their own teachers inside the student group: it spans
-    # every rank; LBMRC's plan sizes producers and student (dist_xqa.roles.plan).
-    plan = plan_roles(world, [job.name for job in jobs],
-                      student_min_ranks=world if strategy in ("skd", "xsta") else 1)
+    # every rank; LBMRC's plan sizes producers and student (dist_xqa.roles.plan). Teacher
+    # groups get ranks in proportion to their work (features x epochs).
+    plan = plan_roles(world, {job.name: len(prepared.features(job.train_set)) * cfg.teacher.epochs for job in jobs},
+                      student_min_ranks=cfg.plan.student_min_ranks, producer_speed_ratio=cfg.plan.producer_speed_ratio,
+                      producers="shared" if strategy in ("skd", "xsta") else cfg.plan.producers,
+                      distill_work=(len(prepared.features(DISTILL_SET)) * cfg.student.epochs
+                                    if strategy == "lbmrc" else None))
+    if batch_error := _batch_error(cfg, plan, student):  # every rank has the same plan: all stop
+        raise SystemExit(f"dist_xqa: configuration error: {batch_error}")
     groups = make_groups(plan, timeout=timedelta(seconds=cfg.run.stall_timeout_s))
     if rank == 0:
         log.info("role plan:\n%s", plan.describe())
 
     if stage in ("teachers", "all"):
+        if rank == 0 and jobs:
+            stages.record(cfg, "teachers")
         by_name = {job.name: job for job in jobs}
         for group in plan.teacher_groups_for(rank):  # one per round, in round order
             train_job(by_name[group.teacher], cfg, prepared, ds_config, groups[group.name], device)
     if student and stage in ("distill", "all"):
+        if rank == 0:  # the student's record holds its phase-1 models' hashes
+            stages.wait_for_phase1(cfg)
+            stages.record(cfg, "distill")
         phase2 = {"lbmrc": run_phase2, "skd": run_skd, "xsta": run_xsta}[strategy]
         phase2(cfg, prepared, ds_config, plan, groups, device)
     if stage in ("evaluate", "all"):
@@ -110,7 +141,27 @@ def run(cfg: RunConfig, ds_config: dict, stage: str) -> None:
         model_dirs = [output_dir(cfg, job) for job in jobs] + ([cfg.run_path / "student"] if student else [])
         if stage == "evaluate":
             model_dirs = [d for d in model_dirs if (d / "DONE.json").exists()]
+        if rank == 0:
+            stages.record(cfg, "evaluate")
         evaluate_all(cfg, prepared, device, model_dirs)
+
+
+def _batch_error(cfg: RunConfig, plan, student: bool) -> str | None:
+    """Why a role's global batch (teacher.global_batch_size, student.global_batch_size)
+    does not split evenly over one of the plan's groups, or None."""
+    teacher_groups = [group for round_ in plan.teacher_rounds for group in round_]
+    roles = [("teacher", cfg.teacher, teacher_groups)] + ([("student", cfg.student, [plan.student])] if student else [])
+    for key, train, groups in roles:
+        for group in groups:
+            try:
+                batch_for_group(train, group.size)
+            except ValueError:
+                step, wanted = math.lcm(*(g.size for g in groups)), train.global_batch_size
+                near = sorted({max(step, wanted // step * step), -(-wanted // step) * step})
+                return (f"{key}.global_batch_size {train.global_batch_size} does not split over the {group.size} ranks "
+                        f"of group {group.name}: it must be a multiple of every {key} group's size in this role plan "
+                        f"({', '.join(f'{g.name}: {g.size}' for g in groups)}), e.g. {' or '.join(map(str, near))}")
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     # short); the marker the script names tells it to requeue the job, which resumes.
     install_stop_signal()
     try:
-        run(cfg, ds_config, args.stage)
+        run(cfg, ds_config, args.stage, args.redo)
     except Preempted as stop:
         log.warning("%s; exiting for the requeued job to resume", stop)
         if marker := os.environ.get(REQUEUE_MARKER):

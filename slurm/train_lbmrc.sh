@@ -17,6 +17,7 @@
 #SBATCH --requeue                # a requeued (preempted, resubmitted) job resumes from its checkpoints
 #SBATCH --signal=USR1@120        # USR1 to every task 120 s before the time limit
 #SBATCH --output=slurm-%j.out
+#SBATCH --open-mode=append       # a requeued job adds to its log instead of replacing it
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 export PATH="$PWD/.venv/bin:$PATH"

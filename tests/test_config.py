@@ -598,7 +598,7 @@ def test_main_refuses_a_broken_deepspeed_config_before_running(tmp_path, no_run)
 
 def test_main_passes_a_good_config_to_run(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(train, "run", lambda cfg, ds, stage: seen.update(cfg=cfg, ds=ds, stage=stage))
+    monkeypatch.setattr(train, "run", lambda cfg, ds, stage, redo: seen.update(cfg=cfg, ds=ds, stage=stage))
     train.main(["--deepspeed", str(REPO_ROOT / "ds_configs" / "zero3.json"), "--stage", "teachers",
                 f"run_dir={tmp_path / 'run'}", "student.epochs=1"])
     assert seen["stage"] == "teachers" and seen["ds"]["zero_optimization"]["stage"] == 3

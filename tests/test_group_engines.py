@@ -172,10 +172,13 @@ def run_world(nproc: int, out: Path, *worker_args: str, launcher: str = "torchru
     if launcher == "torchrun":
         start = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     else:
-        start = [str(bin_dir / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={free_port()}"]
+        port = free_port()
+        start = [str(bin_dir / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={port}"]
     command = [*start, str(worker), "--out", str(out), *worker_args]
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"world of {nproc} failed:\n{(result.stdout + result.stderr)[-6000:]}"
+    if launcher == "deepspeed":  # its CPU shared-memory segments are named by the port
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), "leaked /dev/shm segments"
 
 
 def load(out: Path, group: str, rank: int) -> dict:

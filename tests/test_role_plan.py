@@ -1,9 +1,15 @@
 """The role plan: a pure function, checked on many world shapes."""
 from __future__ import annotations
 
+import itertools
+import random
+import re
+
+import numpy as np
 import pytest
 
-from dist_xqa.roles.plan import Role, plan_roles
+from dist_xqa.config import ConfigError, load_config
+from dist_xqa.roles.plan import DEFAULT_PRODUCER_SPEED_RATIO, Role, plan_roles
 
 LANGS = ["en", "es", "de", "ar", "hi", "vi", "zh"]
 SHAPES = [(n, k) for n in (1, 2, 3, 4, 5, 7, 8, 16, 64) for k in (1, 2, 3, 4, 7)]
@@ -23,9 +29,9 @@ def check_invariants(plan, world_size, teachers):
             assert g.ranks == tuple(range(g.ranks[0], g.ranks[0] + g.size))
             assert g.role is Role.TEACHER and g.name == f"teacher/{g.teacher}"
         sizes = [g.size for g in round_]
-        assert max(sizes) - min(sizes) <= 1
-    round_sizes = [len(round_) for round_ in plan.teacher_rounds]
-    assert max(round_sizes) - min(round_sizes) <= 1
+        assert max(sizes) - min(sizes) <= 1  # equal work: the even split
+        assert len(round_) <= world_size
+    assert len(plan.teacher_rounds) == -(-len(teachers) // world_size)  # the fewest rounds
     # phase 2: every teacher has producers, every rank works
     assert [p.teacher for p in plan.producers] == list(teachers)
     assert all(p.ranks for p in plan.producers)
@@ -95,10 +101,10 @@ def test_many_ranks_balance_student_against_producers():
     assert [g.size for g in plan.teacher_rounds[0]] == [22, 21, 21]
     assert plan.student.size == 31
     assert [len(p.ranks) for p in plan.producers] == [11, 11, 11]
-    # cheaper producers leave more ranks to the student
-    cheap = plan_roles(64, ["en", "es", "de"], producer_cost=1 / 10)
-    assert cheap.student.size > plan.student.size
-    assert all(len(p.ranks) >= cheap.student.size / 10 for p in cheap.producers)
+    # faster producers leave more ranks to the student
+    fast = plan_roles(64, ["en", "es", "de"], producer_speed_ratio=10)
+    assert fast.student.size > plan.student.size
+    assert all(len(p.ranks) * 10 >= fast.student.size for p in fast.producers)
 
 
 def test_equal_throughput_prefers_producer_slack():
@@ -122,7 +128,7 @@ def test_describe_names_every_group_and_rank():
     for name in ("teacher/en", "teacher/es", "teacher/de", "student", "producer/en", "producer/de"):
         assert name in text
     assert "0-1" in text and "dedicated" in text
-    rows = [line for line in text.splitlines() if "|" in line][1:]
+    rows = [line for line in text.splitlines() if " | " in line][1:]
     assert rows == ["      0 | teacher/en | student", "      1 | teacher/en | producer/en",
                     "      2 | teacher/es | producer/es", "      3 | teacher/de | producer/de"]
 
@@ -134,7 +140,13 @@ def test_describe_names_every_group_and_rank():
     (dict(world_size=2, teachers=["en", ""]), "non-empty"),
     (dict(world_size=2, teachers=["en/x"]), "without '/'"),
     (dict(world_size=2, teachers=["en"], student_min_ranks=0), "student_min_ranks"),
-    (dict(world_size=2, teachers=["en"], producer_cost=0), "producer_cost"),
+    (dict(world_size=2, teachers=["en"], producer_speed_ratio=0), "plan.producer_speed_ratio"),
+    (dict(world_size=2, teachers=["en"], producers="sometimes"), "plan.producers must be one of auto"),
+    (dict(world_size=3, teachers=["en", "es", "de"], producers="dedicated"),
+     "cannot hold a student of plan.student_min_ranks=1 beside one producer for each of 3"),
+    (dict(world_size=2, teachers={"en": 10, "es": 0}), "teacher 'es': work must be a positive number"),
+    (dict(world_size=2, teachers={"en": 10, "es": float("nan")}), "teacher 'es': work"),
+    (dict(world_size=2, teachers=["en"], distill_work=-1), "distill_work"),
 ])
 def test_bad_input_is_refused_with_the_reason(kwargs, message):
     with pytest.raises(ValueError) as err:
@@ -154,3 +166,129 @@ def test_without_teachers_the_student_takes_every_rank():
 def test_rank_outside_the_world_is_refused():
     with pytest.raises(ValueError, match="rank 4 is outside the world of 4"):
         plan_roles(4, ["en"]).groups_for(4)
+
+
+# LBMRC with strategy.add_english: every other branch adds the source branch to its own,
+# so the source teacher has half the others' features.
+LBMRC_WORK = {"en": 1000, "es": 2000, "de": 2000}
+
+
+def compositions(total, parts):
+    """Every split of `total` ranks into `parts` groups of at least one."""
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(1, total - parts + 2):
+        for rest in compositions(total - first, parts - 1):
+            yield (first, *rest)
+
+
+def brute_force_phase1(world_size, work):
+    """The best phase-1 time over every assignment of the teachers to the fewest rounds
+    (at most world_size teachers each) and every split of each round's ranks."""
+    names, rounds = list(work), -(-len(work) // world_size)
+    best = float("inf")
+    for assignment in itertools.product(range(rounds), repeat=len(names)):
+        members = [[work[t] for t, r in zip(names, assignment) if r == i] for i in range(rounds)]
+        if all(0 < len(m) <= world_size for m in members):
+            best = min(best, sum(min(max(w / n for w, n in zip(m, split))
+                                     for split in compositions(world_size, len(m))) for m in members))
+    return best
+
+
+def plan_phase1_time(plan):
+    """The phase time of the plan's own groups: each round lasts as long as its slowest."""
+    return sum(max(plan.estimate.teacher_work[g.teacher] / g.size for g in round_) for round_ in plan.teacher_rounds)
+
+
+def test_teacher_groups_get_ranks_in_proportion_to_their_work():
+    plan = plan_roles(5, LBMRC_WORK)
+    assert [(g.teacher, g.ranks) for g in plan.teacher_rounds[0]] == [("en", (0,)), ("es", (1, 2)), ("de", (3, 4))]
+    sizes = {g.teacher: g.size for g in plan_roles(64, LBMRC_WORK).teacher_rounds[0]}
+    assert sum(sizes.values()) == 64
+    for teacher, work in LBMRC_WORK.items():
+        assert abs(sizes[teacher] - 64 * work / 5000) < 1, sizes  # 12.8, 25.6, 25.6 ranks
+
+
+def test_the_plan_beats_the_equal_split_on_unequal_work():
+    # the equal split of 5 ranks, [2, 2, 1], leaves de alone on one rank: 2000 units
+    equal_split = max(work / n for work, n in zip(LBMRC_WORK.values(), (2, 2, 1)))
+    plan = plan_roles(5, LBMRC_WORK)
+    assert plan.estimate.phase1 == plan_phase1_time(plan) == 1000 < equal_split == 2000
+    assert plan_roles(5, list(LBMRC_WORK)).estimate.round_times == (1.0,)  # names alone: equal work
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_no_plan_of_the_fewest_rounds_is_faster(seed):
+    rng = random.Random(seed)
+    world_size, k = rng.randint(1, 5), rng.randint(1, 5)
+    work = {LANGS[i]: rng.choice([1, 2, 3, 5, 8]) * rng.randint(1, 4) for i in range(k)}
+    plan = plan_roles(world_size, work)
+    check_groups_cover_every_rank(plan, world_size)
+    assert plan.estimate.phase1 == pytest.approx(plan_phase1_time(plan))
+    assert plan.estimate.phase1 == pytest.approx(brute_force_phase1(world_size, work)), (world_size, work)
+
+
+def check_groups_cover_every_rank(plan, world_size):
+    for round_ in plan.teacher_rounds:
+        assert sorted(r for g in round_ for r in g.ranks) == list(range(world_size))
+
+
+def test_fewer_ranks_than_teachers_put_the_large_teachers_in_one_round():
+    plan = plan_roles(2, LBMRC_WORK)
+    assert [[(g.teacher, g.ranks) for g in r] for r in plan.teacher_rounds] == [
+        [("es", (0,)), ("de", (1,))],
+        [("en", (0, 1))],
+    ]
+    assert plan.estimate.round_times == (2000, 500)
+    # the equal-work rounds (en with es, then de on both ranks) would take 2000 + 1000
+    assert plan_roles(2, list(LBMRC_WORK)).teacher_rounds[0][0].teacher == "en"
+    assert plan.estimate.phase1 == 2500 < 2000 + 1000
+
+
+def test_describe_shows_the_estimated_times():
+    text = plan_roles(5, LBMRC_WORK, distill_work=9000).describe()
+    assert "phase 1, teachers: 1 round(s), estimated time 1,000.0 (ranks busy 100% of it)" in text
+    assert "teacher/es           ranks 1-2      work 2,000  time 1,000.0" in text
+    # 5 ranks: a student of 2 and one producer per teacher (3 x 1 >= 2): 9000 / 2
+    assert "student speed 2.00 features per unit, estimated time 4,500.0" in text
+    shared = plan_roles(2, LBMRC_WORK, distill_work=9000)
+    # rank 0 trains half of each feature and makes en's and de's logits (1/3 each)
+    assert shared.estimate.student_speed == pytest.approx(1 / (1 / 2 + 2 / 3))
+    assert f"estimated time {9000 * (1 / 2 + 2 / 3):,.1f}" in shared.describe()
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.5, 3.0, 10.0])
+@pytest.mark.parametrize("world_size", [4, 8, 16, 64])
+def test_dedicated_producers_keep_ahead_of_the_student(world_size, ratio):
+    plan = plan_roles(world_size, LBMRC_WORK, producer_speed_ratio=ratio)
+    assert not plan.producers_share_student_ranks
+    assert all(ratio * len(p.ranks) >= plan.student.size for p in plan.producers)
+    # and it is the largest such student: one rank more and some teacher's producers fall behind
+    fed = [s for s in range(1, world_size - 2)
+           if ratio * min(len(b) for b in np.array_split(range(world_size - s), 3)) >= s]
+    assert plan.student.size == plan.estimate.student_speed == max(fed)
+
+
+def test_producer_mode_is_a_choice():
+    assert not plan_roles(4, LBMRC_WORK).producers_share_student_ranks  # auto: room for dedicated ones
+    shared = plan_roles(4, LBMRC_WORK, producers="shared")
+    assert shared.producers_share_student_ranks and shared.student.ranks == (0, 1, 2, 3)
+    assert plan_roles(3, LBMRC_WORK).producers_share_student_ranks  # auto: no room
+
+
+@pytest.mark.parametrize("override,message", [
+    ("plan.producers=sometimes", "plan.producers must be auto, dedicated or shared"),
+    ("plan.producer_speed_ratio=0", "plan.producer_speed_ratio must be positive"),
+    ("plan.student_min_ranks=0", "plan.student_min_ranks must be at least 1"),
+    ("plan.producer_ratio=2", "unknown config key 'plan.producer_ratio'"),
+])
+def test_invalid_plan_keys_are_refused_at_start_up(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_plan_key_defaults_are_the_plans():
+    plan = load_config(None, []).plan
+    assert (plan.student_min_ranks, plan.producers) == (1, "auto")
+    assert plan.producer_speed_ratio == DEFAULT_PRODUCER_SPEED_RATIO

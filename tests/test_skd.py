@@ -274,9 +274,10 @@ def test_a_store_of_another_teacher_generation_is_refused(tmp_path):
 
 
 # --- phase 2 end to end on 2 CPU ranks (slow) -----------------------------------------------------
-# Until dist_xqa/train.py calls roles.skd.run_skd, a worker (this file run as a script under
-# torchrun) does what train.py will: the role plan with the student on every rank, the
-# groups, run_skd. The data are prepared as for strategy mixmrc, whose sets phase 2 reads.
+# Phase 2 alone: a worker (this file run as a script under torchrun) builds the role plan
+# with the student on every rank, the groups, and calls run_skd on data prepared as for
+# strategy mixmrc (whose sets phase 2 reads), so a test can stop the student at an epoch
+# boundary. The strategy through the users' entry point: tests/test_strategies_e2e.py.
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve()

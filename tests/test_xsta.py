@@ -1,10 +1,9 @@
 """X-STA pieces: knowledge sharing around a Hugging Face BertLayer, teacher-guided
-calibration, sentence InfoNCE, token alignment entropy and the total loss."""
+calibration, sentence InfoNCE, token alignment entropy and the total loss; the saved model
+and its translate-test evaluation. The strategy end to end: tests/test_strategies_e2e.py."""
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -374,7 +373,7 @@ def test_translate_test_pairs_each_feature_with_its_source_version():
         "attention_mask": [[1] * 8] * len(rows), "token_type_ids": [[0] * 8] * len(rows), "answer_mask": answer,
         "start_positions": [0] * len(rows), "end_positions": [0] * len(rows)})
     start, end, paired = translate_test_scores(module, features, "en", 2, torch.device("cpu"))
-    assert paired == 4 and start.shape == (5, 8)
+    assert paired == {("a", "en", "en"), ("a", "de", "en"), ("a", "de", "de")} and start.shape == (5, 8)
 
     def inputs(r):
         return {"input_ids": ids[r:r + 1], "attention_mask": torch.ones(1, 8, dtype=torch.long),
@@ -390,40 +389,142 @@ def test_translate_test_pairs_each_feature_with_its_source_version():
     np.testing.assert_allclose(start[4], alone, rtol=1e-5, atol=1e-5)
 
 
-# --- training end to end on 2 CPU ranks (slow) -----------------------------------------------------
-# Until dist_xqa/train.py calls roles.xsta.run_xsta, this file run as a script under torchrun
-# does what train.py will; the data are prepared as for translate_train (its union sets).
+# --- translate-test evaluation -----------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_xsta_trains_on_pairs_logs_every_component_and_saves_the_qa_model(tmp_path):
-    from transformers import AutoModelForQuestionAnswering
+@pytest.fixture(scope="module")
+def xsta_test_sets(tmp_path_factory):
+    """A prepared xsta run (untrained model) with two test sets: a parallel one (en, es, de
+    files; one id has no English version) and an MLQA-format one (en, de) whose ids are
+    shared across its files, as MLQA's are."""
+    from dist_xqa.config import load_config
+    from dist_xqa.models import build_model
+    from dist_xqa.prepare import prepare
+    from dist_xqa.roles.xsta import XstaModule
+    from tests.test_testsets import mlqa_pair, squad_doc, write
 
-    from dist_xqa.roles.xsta import load_xsta
-    from tests.test_skd import launch_worker, scalars
+    tmp = tmp_path_factory.mktemp("xsta_eval")
+    ids = [f"q{i:02d}" for i in range(40)]
+    no_english = "q31"  # in the test articles (6: q30-q34)
+    for lang in ("en", "es", "de"):
+        write(tmp / "corpus" / f"c.{lang}.json",
+              squad_doc(lang, ids, leave_out=frozenset({no_english} if lang == "en" else ())))
+    docs = {lang: squad_doc(lang, ids[30:35]) for lang in ("en", "de")}
+    for c in ("en", "de"):
+        for q in ("en", "de"):
+            write(tmp / "mlqa" / f"test-context-{c}-question-{q}.json", mlqa_pair(docs[c], docs[q]))
+    cfg = load_config(None, [
+        f"run_dir={tmp / 'run'}", "strategy.name=xsta", "data.source=squad", f"data.train.folder={tmp / 'corpus'}",
+        "data.train.pattern=c.{lang}.json", "data.train.split={train: [0, 6], dev: [7, 8]}",
+        "model.max_length=64", "model.doc_stride=16", "model.tiny.vocab_size=300", "model.tiny.hidden_size=32",
+        "model.tiny.intermediate_size=64",
+        f"data.test=[{{name: par, folder: {tmp / 'corpus'}, pattern: 'c.{{lang}}.json', languages: [en, es, de], "
+        f"articles: [6, 7]}}, {{name: ml, folder: {tmp / 'mlqa'}, format: mlqa, normalization: mlqa, "
+        f"languages: [en, de]}}]"])
+    prepared = prepare(cfg)
+    module = XstaModule(build_model(cfg.model, prepared.tokenizer(), seed=3), cfg.strategy.xsta).eval()
+    return cfg, prepared, module, no_english
 
-    launch_worker(Path(__file__).resolve(), tmp_path, "translate_train")
-    assert (tmp_path / "student" / "DONE.json").exists()
-    logged = scalars(tmp_path / "tb")
-    for part in ("total", "mrc_src", "mrc_tgt", "teacher_guided", "sentence", "token"):
-        assert logged.get(f"student/loss/{part}"), part
-    assert type(AutoModelForQuestionAnswering.from_pretrained(tmp_path / "student")).__name__ == "BertForQuestionAnswering"
-    assert load_xsta(tmp_path / "student").encoder.share_index == 0
+
+def hand_translate_test(module, features, source_lang: str) -> tuple[np.ndarray, np.ndarray, set]:
+    """The translate-test formula computed row by row from the model's parts: a feature whose
+    id has a source-language (q = p = source) feature reads that example's window
+    min(w, last), log((p_T|S + softmax(z_T)) / 2) over the valid positions; any other
+    feature its QA model's logits (p_T)."""
+    from dist_xqa.inference import model_inputs
+    from dist_xqa.roles.finetune import label_tensors
+
+    rows = features.select_columns(["example_id", "question_lang", "context_lang", "window"])[:]
+    keys = list(zip(rows["example_id"], rows["question_lang"], rows["context_lang"]))
+    source = {}
+    for r, (key, w) in enumerate(zip(keys, rows["window"])):
+        if key[1] == key[2] == source_lang:
+            source.setdefault(key[0], {})[w] = r
+    every = range(len(features))
+    inputs, valid = model_inputs(features, every, torch.device("cpu")), label_tensors(features, list(every), "cpu")[0]
+
+    def row(r: int) -> dict:
+        return {k: v[r:r + 1] for k, v in inputs.items()}
+
+    start, end, paired = [], [], set()
+    with torch.no_grad():
+        for r, (key, w) in enumerate(zip(keys, rows["window"])):
+            if key[0] not in source:
+                out = module.encoder.qa(**row(r))
+                start.append(out.start_logits[0].numpy())
+                end.append(out.end_logits[0].numpy())
+                continue
+            paired.add(key)
+            s = source[key[0]][min(w, max(source[key[0]]))]
+            src, tgt, positions = row(s), row(r), valid[r:r + 1]
+            out = module.encoder(src, tgt, torch.tensor([key[1] == key[2] == source_lang]))
+            given_source = module.calibration(out.h_tgt, out.h_src, tgt["attention_mask"].bool(),
+                                              src["attention_mask"].bool(), positions, valid[s:s + 1],
+                                              out.src_start, out.src_end)
+            for logits, p_ts, acc in ((out.tgt_start, given_source[0], start), (out.tgt_end, given_source[1], end)):
+                p_t = torch.softmax(logits.masked_fill(~positions, -torch.inf), -1)
+                mixed = ((p_ts + p_t) / 2)[0]
+                acc.append(torch.where(positions[0], mixed.log(), torch.finfo(mixed.dtype).min).numpy())
+    return np.stack(start), np.stack(end), paired
 
 
-if __name__ == "__main__":  # the torchrun worker of the slow test above
-    import torch.distributed as dist
+def test_translate_test_evaluation_averages_with_the_source_version_and_says_so(xsta_test_sets):
+    """On a parallel set the X-STA student scores p~_T = (p_T|S + p_T) / 2 from each example's
+    English version in the set's own English file (an oracle translation), p_T where the id
+    has no English version; the section keeps p_T alone and counts the examples each way."""
+    from dist_xqa.evaluate import postprocess, score
+    from dist_xqa.roles.evaluator import score_test_set, score_xsta_test_set
 
-    from dist_xqa.distributed import init_distributed, load_ds_config, make_groups
-    from dist_xqa.prepare import Prepared
-    from dist_xqa.roles.plan import plan_roles
-    from dist_xqa.roles.xsta import run_xsta
-    from tests.test_skd import ROOT, worker_config
+    cfg, prepared, module, no_english = xsta_test_sets
+    (spec,) = [s for s in cfg.data.test if s.name == "par"]
+    test = prepared.test_set("par")
+    features = test.features()
+    section, preds = score_xsta_test_set(module, spec, cfg, prepared, torch.device("cpu"), desc="par")
 
-    cfg = worker_config(Path(sys.argv[1]), "strategy.name=xsta", *sys.argv[2:])
-    ctx = init_distributed()
-    plan = plan_roles(ctx.world_size, ["xsta"], student_min_ranks=ctx.world_size)
-    groups = make_groups(plan)
-    run_xsta(cfg, Prepared(cfg.run_path), load_ds_config(ROOT / "ds_configs" / "zero2.json"), plan, groups,
-             ctx.device)
-    dist.barrier()
+    start, end, paired = hand_translate_test(module, features, "en")
+    expected = postprocess(features, start, end, test.examples(), cfg.eval.n_best, cfg.eval.max_answer_length)
+    assert preds == {"|".join(k): v for k, v in expected.items()}
+    assert section["pairs"] == score(test.gold(), expected, spec.normalization)["pairs"]
+    alone_section, alone_preds = score_test_set(module.encoder.qa, spec, cfg, prepared, torch.device("cpu"), "par")
+    assert section["p_T_alone"] == {k: alone_section[k] for k in ("per_language", "xlt", "g_xlt", "pooled", "matrix")}
+    assert preds != alone_preds  # the averaged distribution changes answers
+
+    inference = section["inference"]
+    examples = test.examples()
+    lacking = [ex.key for ex in examples if ex.id == no_english]
+    assert len(lacking) == 4  # es/de questions x es/de passages
+    assert inference["translate_test_examples"] == len(examples) - 4 == len({k for k in paired})
+    assert inference["p_T_examples"] == 4 and "no en version" in inference["p_T_because"]
+    assert inference["oracle_translation"].endswith("c.en.json")
+    assert inference["translate_test_scores"].startswith("p~_T = (p_T|S + p_T) / 2")
+    assert inference["settings"] == {"translate_test": True, "calibrate_at_inference": True}
+
+
+def test_mlqa_sets_and_translate_test_off_score_p_t_alone_and_say_why(xsta_test_sets):
+    """MLQA's English file holds other passages (ids shared, passages not translations):
+    p_T alone, stated. strategy.xsta.translate_test=false: p_T alone on a parallel set too."""
+    from dataclasses import replace
+
+    from dist_xqa.roles.evaluator import score_test_set, score_xsta_test_set
+
+    cfg, prepared, module, _ = xsta_test_sets
+    off = replace(cfg, strategy=replace(cfg.strategy, xsta=replace(cfg.strategy.xsta, translate_test=False)))
+    for run, name, reason in ((cfg, "ml", "format mlqa"), (off, "par", "strategy.xsta.translate_test is false")):
+        (spec,) = [s for s in run.data.test if s.name == name]
+        section, preds = score_xsta_test_set(module, spec, run, prepared, torch.device("cpu"), desc=name)
+        alone_section, alone_preds = score_test_set(module.encoder.qa, spec, run, prepared, torch.device("cpu"), name)
+        assert preds == alone_preds and section["pairs"] == alone_section["pairs"]
+        assert "p_T_alone" not in section
+        inference = section["inference"]
+        assert inference["translate_test_examples"] == 0 and inference["oracle_translation"] is None
+        assert inference["p_T_examples"] == len(prepared.test_set(name).examples())
+        assert reason in inference["p_T_because"]
+
+
+def test_translate_test_is_a_checked_boolean_key():
+    from dist_xqa.config import ConfigError, load_config
+
+    assert load_config(None, ["strategy.name=xsta"]).strategy.xsta.translate_test is True
+    assert load_config(None, ["strategy.name=xsta", "strategy.xsta.translate_test=false"]).strategy.xsta.translate_test is False
+    with pytest.raises(ConfigError, match="strategy.xsta.translate_test"):
+        load_config(None, ["strategy.name=xsta", "strategy.xsta.translate_test=sometimes"])

@@ -27,6 +27,9 @@ MANIFEST_NAME = "manifest.json"
 _LOCK_NAME = ".lock"
 _TEACHER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# The store belongs to the distill stage: the entry point's --redo removes it with the
+# student it was made for (dist_xqa/stages.py).
+RESET_ADVICE = "to reset it, rerun the same command with --redo distill, which removes it with the student"
 
 
 class StoreMismatchError(RuntimeError):
@@ -119,7 +122,8 @@ class Manifest:
             if getattr(other, name) != getattr(self, name):
                 differences.append(f"{name} ({getattr(other, name)!r} != expected {getattr(self, name)!r})")
         if differences:
-            raise StoreMismatchError(f"{source} does not match this run: " + "; ".join(differences))
+            raise StoreMismatchError(f"{source} does not match this run: " + "; ".join(differences)
+                                     + f" ({RESET_ADVICE})")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -163,10 +167,11 @@ def prepare_store(store_dir: str | Path, manifest: Manifest, reset: bool = False
                 return
             leftovers = sorted(p.name for p in store.iterdir() if p.name != _LOCK_NAME)
             if leftovers:
-                raise StoreMismatchError(f"logit store {store} holds {leftovers[:5]} but no {MANIFEST_NAME}")
+                raise StoreMismatchError(f"logit store {store} holds {leftovers[:5]} but no {MANIFEST_NAME} "
+                                         f"({RESET_ADVICE})")
         except StoreMismatchError as e:
             if not reset:
-                raise StoreMismatchError(f"{e}; refusing to write into it (start with reset to wipe it)") from None
+                raise StoreMismatchError(f"refusing to write into it: {e}") from None
             _wipe(store)
         write_json(store / MANIFEST_NAME, manifest.to_json(), durable=True)
 

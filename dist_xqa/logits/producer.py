@@ -37,7 +37,10 @@ class Producer:
     (StoreMismatchError on a stale store unless `reset`, which wipes it). `student_beats()`
     lists the student's heartbeat files: run() and wait_for_student() watch them with
     `stall_timeout_s`. A top-k store (manifest.topk) needs `answer_mask`: the top k and the
-    left-out mass are taken over the positions that may hold an answer, as the losses' are."""
+    left-out mass are taken over the positions that may hold an answer, as the losses' are.
+    `placebo_seed` (distill.placebo_shuffle, a control): each shard's logit rows are moved
+    to other rows of the shard (placebo_rows), so the student sees logits of the same
+    scale that carry no information about its features."""
 
     def __init__(
         self,
@@ -55,6 +58,7 @@ class Producer:
         reset: bool = False,
         part: tuple[int, int] = (0, 1),
         answer_mask: AnswerMask | None = None,
+        placebo_seed: int | None = None,
     ):
         if lookahead < 1 or epochs < 1:
             raise ValueError(f"producer {teacher}: lookahead and epochs must be >= 1, got {lookahead} and {epochs}")
@@ -71,6 +75,7 @@ class Producer:
         self.manifest = manifest
         self.compute = compute
         self.answer_mask = answer_mask
+        self.placebo_seed = placebo_seed
         self.lookahead = lookahead
         self.total = epochs * len(plan)
         self.poll = poll
@@ -157,7 +162,10 @@ class Producer:
         self.heartbeat.beat(index, "computing", epoch=epoch, position=position, shards_written=self.shards_written)
         feature_ids = self.plan.features(shard)
         start, end = self.compute(feature_ids)
-        if self.manifest.topk is not None:
+        if self.placebo_seed is not None:
+            rows = placebo_rows(len(feature_ids), self.placebo_seed, shard)
+            start, end = start[rows], end[rows]
+        if self.manifest.topk is not None:  # over the receiving row's mask, as the student reads it
             mask = self.answer_mask(feature_ids)
             start, end = (compress_topk(x, mask, self.manifest.topk) for x in (start, end))
         path = shard_path(self.store, self.teacher, shard)
@@ -166,6 +174,16 @@ class Producer:
         self._verified[shard] = (st.st_ino, st.st_size, st.st_mtime_ns)
         self.shards_written += 1
         self.heartbeat.beat(index, "committed", epoch=epoch, position=position, shards_written=self.shards_written)
+
+
+def placebo_rows(n: int, seed: int, shard: int) -> torch.Tensor:
+    """Row i of a placebo shard gets the logits of row placebo_rows[i]: a random cycle
+    through the n rows (seeded by the run's seed and the shard), so that no row keeps its
+    own logits (a plain permutation leaves about one row in place); one row stays itself."""
+    cycle = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + shard))
+    rows = torch.empty(n, dtype=torch.long)
+    rows[cycle] = cycle.roll(1)
+    return rows
 
 
 def serve(producers: Sequence[Producer], poll: float = 0.05) -> None:

@@ -9,15 +9,23 @@ next + lookahead. Each epoch reads every shard once in a new order, so in window
 unneeded shard is deleted and recomputed in its next epoch (bounded disk, one teacher
 forward per epoch); in cache mode it is kept for the next epoch, and only over
 `disk_budget_bytes` are unneeded shards evicted, the one read furthest ahead first.
+
+ReadAhead runs the reads (and whatever else prepares a step) on a side thread a bounded
+number of steps ahead of the student, so that a step never waits on file reads; the
+thread never beats a heartbeat (heartbeat.py: beats come from the work loop), the
+student's main thread does while it waits for the thread, and the thread's errors (a
+stalled producer's StoreTimeout included) are raised in the main thread.
 """
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 import torch
 
@@ -25,7 +33,8 @@ from dist_xqa.logits.heartbeat import WAITING, Heartbeat, StallWatch
 from dist_xqa.logits.manifest import MANIFEST_NAME, Manifest, read_manifest
 from dist_xqa.logits.order import ShardPlan
 from dist_xqa.logits.progress import StoreTimeout, StudentProgress, producer_heartbeats, producer_role, write_progress
-from dist_xqa.logits.shards import Logits, ShardData, ShardError, list_shards, read_shard, shard_path, stack_logits
+from dist_xqa.logits.shards import (Logits, ShardData, ShardError, TopKLogits, list_shards, read_shard, shard_path,
+                                    stack_logits)
 
 log = logging.getLogger(__name__)
 MODES = ("window", "cache")
@@ -97,6 +106,8 @@ class StoreReader:
         # The student resumes from its checkpoint at its first get(), whatever an earlier
         # run or a rolled-back student left in progress.json: get() sets `committed` then.
         self._progress: StudentProgress | None = None
+        # get() may run on a ReadAhead thread while the main thread commits progress
+        self._progress_lock = threading.Lock()
         self._current: int | None = None
         self._wait_seconds = 0.0
 
@@ -113,8 +124,9 @@ class StoreReader:
         shard = self.plan.shard_at(index)
         self._current = index
         if self.writer:
-            committed = index if self._progress is None else self._progress.committed
-            self._progress = StudentProgress(committed, index)
+            with self._progress_lock:
+                committed = index if self._progress is None else self._progress.committed
+                self._progress = StudentProgress(committed, index)
         reported = not self.writer
         backoff, bad_reads = _FIRST_BACKOFF_S, 0
         watching, watch = None, None  # the teachers (or the manifest) watched, and the watch
@@ -125,7 +137,8 @@ class StoreReader:
                 # The progress file goes into the store once a producer has created it
                 # (with its manifest): a store directory is never started by the student.
                 if not reported and missing != [MANIFEST_NAME]:
-                    write_progress(self.store, self.plan, self._progress)
+                    with self._progress_lock:
+                        write_progress(self.store, self.plan, self._progress)
                     reported = True
                 if not missing:
                     shards, missing = self._read(shard)
@@ -204,17 +217,19 @@ class StoreReader:
         if not self.writer:
             raise RuntimeError("only the writer reader (student rank 0) commits progress")
         committed = self.plan.global_index(epoch, position)
-        self._progress = StudentProgress(committed, max(self._progress.next if self._progress else 0, committed))
-        write_progress(self.store, self.plan, self._progress)
-        self._clean_up()
+        with self._progress_lock:
+            self._progress = StudentProgress(committed, max(self._progress.next if self._progress else 0, committed))
+            write_progress(self.store, self.plan, self._progress)
+            progress = self._progress
+        self._clean_up(progress)
 
-    def _clean_up(self) -> None:
+    def _clean_up(self, progress: StudentProgress) -> None:
         on_disk: dict[int, list[Path]] = {}
         for teacher in self.teachers:
             for shard, path in list_shards(self.store / teacher).items():
                 on_disk.setdefault(shard, []).append(path)
-        low = min(self._progress.committed, self._progress.next)
-        high = self._progress.next + self.lookahead
+        low = min(progress.committed, progress.next)
+        high = progress.next + self.lookahead
         next_reads = {shard: self.plan.next_use(shard, low) for shard in on_disk}
         unneeded = {shard: read for shard, read in next_reads.items() if read >= high}
         if self.mode == "window":
@@ -243,6 +258,125 @@ class StoreReader:
                     break
                 ahead += 1
         return StreamStats(sizes, ahead, self._wait_seconds)
+
+
+def logits_to(logits: Logits, device: torch.device) -> Logits:
+    """Teacher logits moved to `device` in their stored form (dense or top-k); from pinned
+    memory without blocking the host."""
+    pin = device.type == "cuda"
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return (t.pin_memory() if pin else t).to(device, non_blocking=pin)
+
+    if isinstance(logits, torch.Tensor):
+        return move(logits)
+    return TopKLogits(move(logits.values), move(logits.indices), move(logits.rest), logits.length)
+
+
+T = TypeVar("T")
+_POLL_S = 0.05  # how often a blocked side of ReadAhead looks whether the other closed or woke it
+_CLOSE_TIMEOUT_S = 30.0
+
+
+class ReadAheadClosed(Exception):
+    """Raised inside a ReadAhead's thread (by `idle`) once the consumer has closed it."""
+
+
+class ReadAhead(Generic[T]):
+    """The items of `produce(idle)` (an iterator) computed on a side thread, at most
+    `depth` ahead of the consumer, who takes them in order with `next()`. An exception
+    in the thread is raised by the `next()` that would have returned the item it failed
+    on (with the thread's traceback). `idle` is for waits inside `produce` (StoreReader.get's
+    `while_waiting`): it raises ReadAheadClosed once the consumer has closed the read-ahead
+    (so a wait for a stalled producer ends with the consumer, not after the stall
+    timeout), and returns True early when the consumer woke it (it produced something the
+    thread may be waiting for). Use as a context manager, or call close()."""
+
+    def __init__(self, produce: Callable[[Callable[[], bool]], Iterator[T]], depth: int, name: str = "read-ahead"):
+        if depth < 1:
+            raise ValueError(f"read-ahead depth must be >= 1, got {depth}")
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._closed = threading.Event()
+        self._woken = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, args=(produce,), name=name, daemon=True)
+        self._thread.start()
+
+    def idle(self) -> bool:
+        if self._closed.is_set():
+            raise ReadAheadClosed()
+        woken = self._woken.wait(_POLL_S)
+        self._woken.clear()
+        if self._closed.is_set():
+            raise ReadAheadClosed()
+        return woken
+
+    def _put(self, entry: tuple[bool, object]) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(entry, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, produce: Callable[[Callable[[], bool]], Iterator[T]]) -> None:
+        try:
+            for item in produce(self.idle):
+                if not self._put((True, item)):
+                    return
+        except ReadAheadClosed:
+            return
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put((False, error))
+            return
+        self._put((False, StopIteration()))
+
+    def next(self, while_waiting: Callable[[], bool] | None = None) -> T:
+        """The next item. While it is not ready, calls `while_waiting()` (the consumer's
+        heartbeat, time-shared producer steps) about every 50 ms; a True result (it did work
+        the thread may wait for) wakes the thread's `idle`. StopIteration after the last."""
+        if self._done:
+            raise StopIteration
+        while True:
+            try:
+                ok, value = self._queue.get_nowait()
+                break
+            except queue.Empty:
+                pass
+            if not self._thread.is_alive() and self._queue.empty():
+                raise RuntimeError("read-ahead thread ended without a result")
+            if while_waiting is not None and while_waiting():
+                self._woken.set()
+                continue
+            try:
+                ok, value = self._queue.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                continue
+        if not ok:
+            self._done = True
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Stops the thread (it may be waiting in `produce`, or blocked on a full queue)."""
+        self._closed.set()
+        self._done = True
+        deadline = time.monotonic() + _CLOSE_TIMEOUT_S
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            try:  # make room for a blocked put
+                self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                pass
+        if self._thread.is_alive():  # busy outside `idle` (a daemon thread: it dies with the process)
+            log.warning("%s: thread still busy %.0f s after close; left behind", self._thread.name, _CLOSE_TIMEOUT_S)
+
+    def __enter__(self) -> "ReadAhead[T]":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _size(paths: Iterable[Path]) -> int:

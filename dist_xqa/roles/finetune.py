@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dist_xqa.config import RunConfig, TrainConfig
+from dist_xqa.config import RunConfig, TrainConfig, batch_for_group
 from dist_xqa.distributed import TrainingGroup, build_engine, release_engine
 from dist_xqa.evaluate import postprocess, score
 from dist_xqa.inference import model_inputs
@@ -89,7 +89,7 @@ def train_job(job: Job, cfg: RunConfig, prepared: Prepared, ds_config: dict, gro
     out_dir = output_dir(cfg, job)
     if (out_dir / "DONE.json").exists():
         return
-    tcfg: TrainConfig = cfg.teacher
+    tcfg: TrainConfig = batch_for_group(cfg.teacher, group.size)
     group_rank, group_size = group.rank, group.size
     tokenizer = prepared.tokenizer()
     features = prepared.features(job.train_set)

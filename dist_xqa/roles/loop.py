@@ -32,6 +32,9 @@ from dist_xqa.monitor import progress
 
 log = logging.getLogger(__name__)
 TAG = re.compile(r"step(\d+)")  # DeepSpeed checkpoint tags: step<global step>
+# The group agrees on a stop request every this many steps: the agreement is a collective
+# whose result is read back to the host, which on an accelerator waits for the step.
+STOP_CHECK_EVERY = 10
 
 
 @dataclass
@@ -49,8 +52,8 @@ class GroupLoop:
     newest `checkpoint.keep`), and calling `end_of_epoch(epoch, state)` (model selection)
     after each epoch. `heartbeat` is beaten on every step, marked finished at the end and
     failed when the loop raises. When a rank of the group has been asked to stop
-    (heartbeat.install_stop_signal), the group checkpoints after the step and raises
-    Preempted."""
+    (heartbeat.install_stop_signal), the group checkpoints at its next step that is a
+    multiple of STOP_CHECK_EVERY and raises Preempted."""
 
     def __init__(self, engine, group: TrainingGroup, ckpt_dir: Path, checkpoint: CheckpointConfig, desc: str,
                  show_progress: bool, heartbeat: Heartbeat | None = None):
@@ -132,7 +135,7 @@ class GroupLoop:
                 state.step_in_epoch += 1
                 state.global_step += 1
                 bar.update(1)
-                if self._stop_agreed():
+                if state.global_step % STOP_CHECK_EVERY == 0 and self._stop_agreed():
                     self.save(state)
                     raise Preempted(f"{self.desc}: stopped by a signal at global step {state.global_step}, "
                                     f"checkpointed in {self.ckpt_dir}")

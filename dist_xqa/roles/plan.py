@@ -1,45 +1,59 @@
 """The role plan: which ranks of the one torch.distributed world do what, per phase.
 
-A pure function of (world size, teachers, student size floor, producer cost): no
+A pure function of (world size, each teacher's work, the `plan` keys): no
 torch.distributed, no files, so every rank computes the same plan and tests can check
-it for any world size.
+it for any world size. Times are estimated in one unit: the time one rank takes to train
+one feature (a forward and a backward pass); a group of n ranks trains n features in it
+(data parallelism assumed linear inside a group).
 
 Phase 1 (teachers). Each teacher trains in its own group on disjoint, contiguous ranks
 (a group of neighbouring ranks stays on one node where the sizes allow), all groups of a
-round concurrently. With at least as many ranks as teachers there is one round and the
-ranks are split as evenly as possible (sizes differ by at most one, the first teachers
-get the extra ranks). With fewer ranks than teachers, teachers time-share the ranks:
-``ceil(K / N)`` rounds, the teachers spread over the rounds as evenly as possible and
-each round's ranks split evenly among its teachers, so no rank idles in any round. A
-rank moves to its next round's group as soon as its current teacher is done; the
-group's own collectives do the waiting, no world-wide barrier is needed.
+round concurrently, every rank busy in every round. A teacher's work is the features it
+trains (its branch set times the epochs): with `strategy.add_english` every other branch
+adds the source-language branch to its own, so the source teacher has half the others'
+work and equal groups would leave its ranks idle half the phase. The plan uses the
+fewest rounds, ``ceil(K / N)`` (one when there are at least as many ranks as teachers):
+more rounds of larger groups would only look faster under the linear model, which
+ignores the gradient synchronisation every group pays per step and concurrent groups
+overlap. Within that:
+- a round's ranks go to its teachers in proportion to their work: one each, then every
+  further rank to the group that would finish last (this minimises the round's time,
+  the largest work / ranks of its groups);
+- with several rounds, which teachers share a round is searched exactly (branch and
+  bound, milliseconds for 11 teachers): the assignment with the smallest estimated
+  phase time (the sum of the rounds' times: a round starts when the previous one has
+  finished) wins; ties put the first teachers in the first round, so equal work gives
+  the even split.
 
 Phase 2 (distillation). Producers run teacher inference over the distillation set and
 write the logit store; the student group trains from it. Producers never talk to each
-other (they only write files), so they need no process group.
+other (they only write files), so they need no process group. `producers` chooses:
 
-- Dedicated producers, when ``N >= K + student_min_ranks``: the student gets a
+- dedicated (``auto`` picks it when ``N >= K + student_min_ranks``): the student gets a
   contiguous block starting at rank 0 (so the rank that logs and shows progress is a
-  student rank) and the remaining ranks are split evenly among the teachers, each
-  teacher at least one. The split maximises the student's steady-state throughput:
-  a student rank trains ``r`` features/s and a producer rank makes ``r / producer_cost``
-  features/s of one teacher's logits, so with S student ranks and P_k producers for
-  teacher k the student runs at ``min(S, min_k P_k / producer_cost)`` rank-units. The
-  default ``producer_cost`` 1/3 is one forward pass against a training step's
-  forward + backward (same backbone for teachers and student). Among splits of equal
-  throughput the one with fewer student ranks wins: the spare ranks become producer
-  slack, so the store stays ahead of the student instead of the student waiting on it.
-  One producer per teacher is enough only for small worlds: with K = 3 and cost 1/3 the
-  producers need about half the ranks (P_k >= S / 3 for each of 3 teachers).
-  Why dedicated ranks rather than always sharing: the student's step then costs what
-  plain fine-tuning costs (no teacher forward inside it, no teacher weights in its
-  memory), which is what streaming the logits is for. Sharing can use small worlds
-  better (no rounding of ranks to roles); ``student_min_ranks=world_size`` forces it.
-- Shared producers, when there are fewer ranks: the student group spans every rank and
-  the producer work is interleaved with student steps on the same ranks. With N >= K
-  ranks teacher k is produced by ranks ``{r : r % K == k}``; with N < K rank r produces
+  student rank) and the remaining ranks are split evenly among the teachers (every
+  teacher's logits cover the same set), each at least one. A producer rank makes
+  logits ``producer_speed_ratio`` times as fast as a student rank trains (a forward
+  against a forward + backward: 3 by default; measured, it is a producer's features/s
+  over a student rank's), so with S student ranks and P_k producers of teacher k the
+  student runs at ``min(S, ratio * min_k P_k)`` rank-units: the producers keep ahead of
+  the student exactly when ``ratio * P_k >= S``. The plan takes the largest student
+  they keep ahead of (the fastest student that never waits on the store; a larger one
+  would wait, a smaller one would idle producer capacity), or, where even
+  `student_min_ranks` outruns them, that smallest student. A ratio set below the
+  measured one buys producer slack on purpose.
+  Why dedicated ranks when there is room: the student's step then costs what plain
+  fine-tuning costs (no teacher forward inside it, no teacher weights in its memory),
+  which is what streaming the logits is for.
+- shared (``auto`` picks it when there are fewer ranks): the student group spans every
+  rank and the producer work is interleaved with student steps on the same ranks. With
+  N >= K teacher k is produced by ranks ``{r : r % K == k}``; with N < K rank r produces
   teachers ``{k : k % N == r}``. Each rank then holds as few teacher models as possible
   and the teachers' load differs by at most one rank or one teacher per rank.
+
+The phase-2 estimate is per epoch of the distillation set: dedicated, its features over
+the student's speed; shared, the busiest rank's share of the student's steps plus its
+producer work. `RolePlan.describe()` shows both phases' estimates.
 
 Where a teacher has several producer ranks, they split its shards among themselves;
 how is the producer's business, the plan only names the ranks.
@@ -49,7 +63,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import Sequence
+from typing import Mapping, Sequence
+
+PRODUCER_MODES = ("auto", "dedicated", "shared")  # the `plan.producers` key
+DEFAULT_PRODUCER_SPEED_RATIO = 3.0  # a forward pass against a forward + backward
 
 
 class Role(str, Enum):
@@ -80,6 +97,24 @@ class ProducerAssignment:
 
 
 @dataclass(frozen=True)
+class PlanEstimate:
+    """The plan's estimated phase times, in the time one rank takes to train one feature."""
+
+    teacher_work: Mapping[str, float]  # features (x epochs) each teacher trains
+    round_times: tuple[float, ...]  # phase 1: each round's slowest group, work / ranks
+    student_speed: float  # phase 2: features the student trains per unit of time
+    distill_work: float | None  # phase 2: features (x epochs) the student trains, if known
+
+    @property
+    def phase1(self) -> float:
+        return sum(self.round_times)
+
+    @property
+    def phase2(self) -> float | None:
+        return None if self.distill_work is None else self.distill_work / self.student_speed
+
+
+@dataclass(frozen=True)
 class RolePlan:
     world_size: int
     teachers: tuple[str, ...]
@@ -87,6 +122,7 @@ class RolePlan:
     student: RoleGroup  # phase 2
     producers: tuple[ProducerAssignment, ...]  # phase 2, one per teacher, in teacher order
     producers_share_student_ranks: bool  # phase 2 producer work interleaved with student steps
+    estimate: PlanEstimate
 
     def all_groups(self) -> tuple[RoleGroup, ...]:
         """Every training group in the canonical order (rounds in order, teachers in plan
@@ -109,16 +145,28 @@ class RolePlan:
         return tuple(p.teacher for p in self.producers if rank in p.ranks)
 
     def describe(self) -> str:
-        """A table for the run log: the groups of each phase, then what each rank does."""
+        """A table for the run log: the groups of each phase with their work and estimated
+        time, then what each rank does."""
+        est = self.estimate
         mode = ("producers share the student's ranks" if self.producers_share_student_ranks
                 else "producers on dedicated ranks")
         lines = [f"role plan: {self.world_size} rank(s), {len(self.teachers)} teacher(s) "
-                 f"({', '.join(self.teachers)})",
-                 f"phase 1, teachers: {len(self.teacher_rounds)} round(s)"]
-        for number, round_ in enumerate(self.teacher_rounds, start=1):
+                 f"({', '.join(self.teachers)}); times in units of one rank training one feature"]
+        if self.teachers:
+            busy = sum(est.teacher_work.values()) / (self.world_size * est.phase1)
+            lines.append(f"phase 1, teachers: {len(self.teacher_rounds)} round(s), estimated time "
+                         f"{est.phase1:,.1f} (ranks busy {busy:.0%} of it)")
+        else:
+            lines.append("phase 1, teachers: none")
+        for number, (round_, time) in enumerate(zip(self.teacher_rounds, est.round_times), start=1):
             for group in round_:
-                lines.append(f"  round {number}  {group.name:<20} ranks {_ranks_str(group.ranks)}")
-        lines.append(f"phase 2, distillation: {mode}")
+                work = est.teacher_work[group.teacher]
+                lines.append(f"  round {number}  {group.name:<20} ranks {_ranks_str(group.ranks):<8} "
+                             f"work {work:,.0f}  time {work / group.size:,.1f}")
+            lines.append(f"  round {number}  time {time:,.1f} (its slowest group)")
+        phase2 = "" if est.phase2 is None else f", estimated time {est.phase2:,.1f}"
+        lines.append(f"phase 2, distillation: {mode}; student speed {est.student_speed:.2f} "
+                     f"features per unit{phase2}")
         lines.append(f"  {self.student.name:<28} ranks {_ranks_str(self.student.ranks)}")
         for producer in self.producers:
             lines.append(f"  {'producer/' + producer.teacher:<28} ranks {_ranks_str(producer.ranks)}")
@@ -144,54 +192,76 @@ class RolePlan:
             raise ValueError(f"rank {rank} is outside the world of {self.world_size} rank(s)")
 
 
-def plan_roles(world_size: int, teachers: Sequence[str], student_min_ranks: int = 1,
-               producer_cost: float = 1 / 3) -> RolePlan:
-    """Build the role plan for `teachers` (in order) on `world_size` ranks (policy: see
-    the module docstring). `student_min_ranks` is the smallest student group that may
-    run beside dedicated producers; `producer_cost` is a teacher forward pass per
-    feature relative to a student training step per feature."""
-    _validate(world_size, teachers, student_min_ranks, producer_cost)
-    names = tuple(teachers)
+def plan_roles(world_size: int, teachers: Sequence[str] | Mapping[str, float], student_min_ranks: int = 1,
+               producer_speed_ratio: float = DEFAULT_PRODUCER_SPEED_RATIO, producers: str = "auto",
+               distill_work: float | None = None) -> RolePlan:
+    """Build the role plan on `world_size` ranks (policy: see the module docstring).
+
+    `teachers`: the teacher names in order (equal work) or a mapping name -> work (the
+    features it trains, times its epochs). `student_min_ranks`, `producer_speed_ratio`
+    and `producers` are the `plan` config keys; `distill_work` (the student's features
+    times its epochs) only feeds the phase-2 time estimate."""
+    work = dict(teachers) if isinstance(teachers, Mapping) else {name: 1.0 for name in _names(teachers)}
+    _validate(world_size, work, student_min_ranks, producer_speed_ratio, producers, distill_work)
+    names = tuple(work)
     if not names:  # a strategy without phase-1 models (X-STA): the student on every rank
         student = RoleGroup(name="student", role=Role.STUDENT, ranks=tuple(range(world_size)))
+        estimate = PlanEstimate({}, (), float(world_size), distill_work)
         return RolePlan(world_size=world_size, teachers=(), teacher_rounds=(), student=student,
-                        producers=(), producers_share_student_ranks=True)
-    rounds = _teacher_rounds(world_size, names)
-    if world_size >= len(names) + student_min_ranks:
-        student_size, producer_sizes = _dedicated_split(world_size, len(names), student_min_ranks, producer_cost)
+                        producers=(), producers_share_student_ranks=True, estimate=estimate)
+    rounds, round_times = _teacher_rounds(world_size, work)
+    dedicated = producers == "dedicated" or (producers == "auto" and world_size >= len(names) + student_min_ranks)
+    if dedicated:
+        student_size, producer_sizes = _dedicated_split(world_size, len(names), student_min_ranks,
+                                                        producer_speed_ratio)
         producer_blocks = _blocks(range(student_size, world_size), producer_sizes)
-        producers = tuple(ProducerAssignment(t, block) for t, block in zip(names, producer_blocks))
-        shared = False
+        assignments = tuple(ProducerAssignment(t, block) for t, block in zip(names, producer_blocks))
+        speed = _dedicated_speed(student_size, producer_sizes, producer_speed_ratio)
     else:
         student_size = world_size
-        producers = _shared_producers(world_size, names)
-        shared = True
+        assignments = _shared_producers(world_size, names)
+        speed = _shared_speed(world_size, assignments, producer_speed_ratio)
     student = RoleGroup(name="student", role=Role.STUDENT, ranks=tuple(range(student_size)))
     return RolePlan(world_size=world_size, teachers=names, teacher_rounds=rounds, student=student,
-                    producers=producers, producers_share_student_ranks=shared)
+                    producers=assignments, producers_share_student_ranks=not dedicated,
+                    estimate=PlanEstimate(work, round_times, speed, distill_work))
 
 
-def _validate(world_size: int, teachers: Sequence[str], student_min_ranks: int, producer_cost: float) -> None:
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+def _names(teachers: Sequence[str]) -> Sequence[str]:
     if isinstance(teachers, str):
         raise ValueError(f"teachers must be a list of names, got the string {teachers!r}")
-    for name in teachers:
-        if not isinstance(name, str) or not name.strip() or "/" in name:
-            raise ValueError(f"teacher name {name!r} must be a non-empty string without '/'")
     duplicates = sorted({name for name in teachers if list(teachers).count(name) > 1})
     if duplicates:
         raise ValueError(f"duplicate teacher name(s) {duplicates}: each teacher is trained once")
+    return teachers
+
+
+def _positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _validate(world_size: int, work: Mapping[str, float], student_min_ranks: int,
+              producer_speed_ratio: float, producers: str, distill_work: float | None) -> None:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    for name, amount in work.items():
+        if not isinstance(name, str) or not name.strip() or "/" in name:
+            raise ValueError(f"teacher name {name!r} must be a non-empty string without '/'")
+        if not _positive_number(amount):
+            raise ValueError(f"teacher {name!r}: work must be a positive number of features, got {amount!r}")
+    if distill_work is not None and not _positive_number(distill_work):
+        raise ValueError(f"distill_work must be a positive number of features, got {distill_work!r}")
     if isinstance(student_min_ranks, bool) or not isinstance(student_min_ranks, int) or student_min_ranks < 1:
-        raise ValueError(f"student_min_ranks must be an integer >= 1, got {student_min_ranks!r}")
-    if not producer_cost > 0:
-        raise ValueError(f"producer_cost must be > 0, got {producer_cost!r}")
-
-
-def _even_sizes(total: int, parts: int) -> list[int]:
-    """`total` split into `parts` sizes that differ by at most one, larger ones first."""
-    base, extra = divmod(total, parts)
-    return [base + 1 if i < extra else base for i in range(parts)]
+        raise ValueError(f"plan.student_min_ranks must be an integer >= 1, got {student_min_ranks!r}")
+    if not _positive_number(producer_speed_ratio):
+        raise ValueError(f"plan.producer_speed_ratio must be a positive number, got {producer_speed_ratio!r}")
+    if producers not in PRODUCER_MODES:
+        raise ValueError(f"plan.producers must be one of {', '.join(PRODUCER_MODES)}, got {producers!r}")
+    if producers == "dedicated" and work and world_size < len(work) + student_min_ranks:
+        raise ValueError(
+            f"plan.producers is dedicated, but {world_size} rank(s) cannot hold a student of "
+            f"plan.student_min_ranks={student_min_ranks} beside one producer for each of {len(work)} "
+            f"teacher(s): use plan.producers auto or shared, or {len(work) + student_min_ranks} ranks")
 
 
 def _blocks(ranks: range, sizes: Sequence[int]) -> list[tuple[int, ...]]:
@@ -203,30 +273,106 @@ def _blocks(ranks: range, sizes: Sequence[int]) -> list[tuple[int, ...]]:
     return blocks
 
 
-def _teacher_rounds(world_size: int, teachers: tuple[str, ...]) -> tuple[tuple[RoleGroup, ...], ...]:
-    rounds = []
-    first = 0
-    for count in _even_sizes(len(teachers), math.ceil(len(teachers) / world_size)):
-        names = teachers[first:first + count]
-        first += count
-        blocks = _blocks(range(world_size), _even_sizes(world_size, count))
-        rounds.append(tuple(RoleGroup(name=f"teacher/{name}", role=Role.TEACHER, ranks=block, teacher=name)
-                            for name, block in zip(names, blocks)))
-    return tuple(rounds)
+def _even_sizes(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` sizes that differ by at most one, larger ones first."""
+    base, extra = divmod(total, parts)
+    return [base + 1 if i < extra else base for i in range(parts)]
+
+
+def _proportional_sizes(world_size: int, work: Sequence[float]) -> list[int]:
+    """`world_size` ranks split among groups with `work`: one each, then every further
+    rank to the group that would finish last (the first of equals). Optimal for the
+    round's time max(work / ranks): only a rank given to the last group can shorten it."""
+    sizes = [1] * len(work)
+    for _ in range(world_size - len(work)):
+        slowest = max(range(len(work)), key=lambda i: (work[i] / sizes[i], -i))
+        sizes[slowest] += 1
+    return sizes
+
+
+def _round_time(world_size: int, work: Sequence[float]) -> tuple[float, list[int]]:
+    """A round's estimated time on `world_size` ranks and its group sizes."""
+    sizes = _proportional_sizes(world_size, work)
+    return max(w / n for w, n in zip(work, sizes)), sizes
+
+
+def _teacher_rounds(world_size: int, work: Mapping[str, float]
+                    ) -> tuple[tuple[tuple[RoleGroup, ...], ...], tuple[float, ...]]:
+    """Phase 1's rounds and their estimated times (see the module docstring): a branch and
+    bound over every way to put the teachers into the fewest rounds of at most
+    `world_size` teachers. Teachers are placed largest first (equal work in plan order),
+    each in an open round before a new one, and a teacher of the same work as the one
+    before never goes to an earlier round (the two are interchangeable), so among equal
+    times the first teachers share the first round. A partial assignment is dropped once
+    a lower bound of its time reaches the best found: a round takes at least its largest
+    work over the ranks left to it when its other teachers have one each, and at least
+    its work over all ranks; work not yet placed first fills the rounds' idle rank time."""
+    n = world_size
+    names = sorted(work, key=lambda name: -work[name])  # stable: equal work keeps plan order
+    n_rounds = math.ceil(len(names) / n)
+    rounds: list[list[str]] = []
+    placed_in: list[int] = []  # the round of each placed teacher
+    best: list = [math.inf, None]
+
+    def bound(unplaced: float) -> float:
+        total, idle = 0.0, 0.0
+        for round_ in rounds:
+            largest = max(work[t] for t in round_) / (n - len(round_) + 1)
+            spread = sum(work[t] for t in round_) / n
+            total += max(largest, spread)
+            idle += max(0.0, largest - spread)
+        return total + max(0.0, unplaced / n - idle)
+
+    def place(i: int, unplaced: float) -> None:
+        if bound(unplaced) >= best[0] * (1 - 1e-12):
+            return
+        if i == len(names):
+            time = sum(_round_time(n, [work[t] for t in r])[0] for r in rounds)
+            if len(rounds) == n_rounds and time < best[0] * (1 - 1e-12):
+                best[:] = [time, [list(r) for r in rounds]]
+            return
+        if len(names) - i > sum(n - len(r) for r in rounds) + n * (n_rounds - len(rounds)):
+            return  # the rest cannot fit
+        name = names[i]
+        first = placed_in[-1] if i and work[names[i - 1]] == work[name] else 0
+        for index in range(first, len(rounds) + 1):
+            if index == n_rounds or (index < len(rounds) and len(rounds[index]) == n):
+                continue
+            if index == len(rounds):
+                rounds.append([])
+            rounds[index].append(name)
+            placed_in.append(index)
+            place(i + 1, unplaced - work[name])
+            placed_in.pop()
+            rounds[index].pop()
+            if not rounds[index]:
+                rounds.pop()
+
+    place(0, sum(work.values()))
+    groups, times = [], []
+    for round_ in best[1]:
+        round_.sort(key=list(work).index)  # plan order inside a round
+        time, sizes = _round_time(n, [work[t] for t in round_])
+        times.append(time)
+        groups.append(tuple(RoleGroup(name=f"teacher/{t}", role=Role.TEACHER, ranks=block, teacher=t)
+                            for t, block in zip(round_, _blocks(range(n), sizes))))
+    return tuple(groups), tuple(times)
+
+
+def _dedicated_speed(student_size: int, producer_sizes: Sequence[int], ratio: float) -> float:
+    """The student's speed: its ranks, unless the slowest teacher's producers are slower."""
+    return min(student_size, ratio * min(producer_sizes))
 
 
 def _dedicated_split(world_size: int, n_teachers: int, student_min_ranks: int,
-                     producer_cost: float) -> tuple[int, list[int]]:
-    """(student ranks, producer ranks per teacher) maximising the student's throughput;
-    ties go to the smaller student (spare producers keep the store ahead)."""
-    best: tuple[float, int] | None = None
-    for student_size in range(student_min_ranks, world_size - n_teachers + 1):
-        producer_sizes = _even_sizes(world_size - student_size, n_teachers)
-        throughput = min(student_size, min(producer_sizes) / producer_cost)
-        if best is None or throughput > best[0] + 1e-9:
-            best = (throughput, student_size)
-    assert best is not None  # the caller checked world_size >= n_teachers + student_min_ranks
-    student_size = best[1]
+                     ratio: float) -> tuple[int, list[int]]:
+    """(student ranks, producer ranks per teacher): the largest student whose producers
+    keep ahead of it (ratio x producers >= student ranks for every teacher); where even
+    the smallest allowed student outruns them, that smallest one (the fastest then)."""
+    student_size = student_min_ranks
+    for size in range(student_min_ranks + 1, world_size - n_teachers + 1):
+        if ratio * min(_even_sizes(world_size - size, n_teachers)) >= size:
+            student_size = size
     return student_size, _even_sizes(world_size - student_size, n_teachers)
 
 
@@ -236,6 +382,15 @@ def _shared_producers(world_size: int, teachers: tuple[str, ...]) -> tuple[Produ
         return tuple(ProducerAssignment(t, tuple(r for r in range(world_size) if r % k == i))
                      for i, t in enumerate(teachers))
     return tuple(ProducerAssignment(t, (i % world_size,)) for i, t in enumerate(teachers))
+
+
+def _shared_speed(world_size: int, assignments: Sequence[ProducerAssignment], ratio: float) -> float:
+    """The student's speed when every rank also produces: per feature of the set, a rank
+    trains 1 / N of it and makes its teachers' logits for 1 / (producers of each) of it;
+    the busiest rank sets the pace."""
+    load = [1 / world_size + sum(1 / (ratio * len(p.ranks)) for p in assignments if rank in p.ranks)
+            for rank in range(world_size)]
+    return 1 / max(load)
 
 
 def _ranks_str(ranks: tuple[int, ...]) -> str:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dist_xqa.config import RunConfig, SkdConfig
+from dist_xqa.config import RunConfig, SkdConfig, batch_for_group
 from dist_xqa.data.builders import cross_lingual_sampling
 from dist_xqa.data.parallel import ParallelSet, align
 from dist_xqa.data.records import QAExample
@@ -163,7 +163,7 @@ def run_skd(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan,
         raise ValueError("strategy skd runs its teacher producers on the student ranks: the role plan's student "
                          "group must span every rank (plan_roles(..., student_min_ranks=world_size))")
     group = groups[plan.student.name]
-    scfg, skd, kd = cfg.student, cfg.strategy.skd, cfg.distill
+    scfg, skd, kd = batch_for_group(cfg.student, group.size), cfg.strategy.skd, cfg.distill
     tokenizer = prepared.tokenizer()
     features = prepared.features(TRAIN_SET)
     dev_features, dev_examples = prepared.features(DEV_SET), prepared.examples(DEV_SET)

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dist_xqa.config import RunConfig, XstaConfig
+from dist_xqa.config import RunConfig, XstaConfig, batch_for_group
 from dist_xqa.distributed import TrainingGroup, build_engine, release_engine
 from dist_xqa.inference import model_inputs, predict_logits
 from dist_xqa.models import build_model, load_trained, save_hf
@@ -153,9 +153,10 @@ def load_xsta(directory: str | Path) -> XstaModule:
 
 
 def translate_test_scores(module: XstaModule, features, source_lang: str, batch_size: int,
-                          device: torch.device) -> tuple[np.ndarray, np.ndarray, int]:
-    """Start and end scores [N, L] of every test feature, for span decoding, and how many
-    features had their source-language version.
+                          device: torch.device) -> tuple[np.ndarray, np.ndarray, set[Key]]:
+    """Start and end scores [N, L] of every test feature, for span decoding, and the test
+    examples (id, question language, passage language) scored with their source-language
+    version.
 
     Translate-test: feature (id, q, p) window w reads the source-language version of its id
     (q = p = source, the parallel test file of the source language: an oracle translation)
@@ -190,7 +191,7 @@ def translate_test_scores(module: XstaModule, features, source_lang: str, batch_
         if alone:
             start[alone], end[alone] = predict_logits(module.encoder.qa, features, batch_size, device, alone)
     module.train(was_training)
-    return start, end, len(source_of)
+    return start, end, {keys[r] for r in source_of}
 
 
 def run_xsta(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan,
@@ -200,7 +201,7 @@ def run_xsta(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan
     if (out_dir / "DONE.json").exists():
         return
     group = groups[plan.student.name]
-    scfg, x = cfg.student, cfg.strategy.xsta
+    scfg, x = batch_for_group(cfg.student, group.size), cfg.strategy.xsta
     tokenizer = prepared.tokenizer()
     features = prepared.features(TRAIN_SET)
     dev_features, dev_examples = prepared.features(DEV_SET), prepared.examples(DEV_SET)

@@ -1,0 +1,225 @@
+"""Safe reruns: what each stage of a run was made with, and what a rerun must redo.
+
+A run's stages, each depending on the ones before it:
+
+- teachers: phase 1's models (`teachers/<name>/` or `models/<name>/`) and their checkpoints;
+- distill: phase 2's student (`student/`), its checkpoints, the logit store (`logits/`)
+  and self-distillation's teacher snapshots (`skd/`);
+- evaluate: the results (`eval/`).
+
+Each stage records the settings it depends on in `stages/<stage>.json` (flat dotted config
+keys, and for distill the weight hash of every phase-1 model; not inside the model
+directories, which a save replaces whole), written when the stage starts, so an
+interrupted stage is protected as much as a finished one. A rerun in the same run
+directory compares the records with its own settings before anything trains: a stage
+made with other settings is either redone, with its dependants, because `--redo` names
+it, or the run stops with the keys that differ and the command to redo.
+
+What is recorded: a model depends on its training data (not the test sets: they are
+scored, never trained on), the model, the strategy, the seed, how its best epoch is
+selected on dev (eval.select_on_dev, n_best, max_answer_length) and its role's training
+keys; the student also on the distillation and method keys and on the phase-1 models it
+learns from. Keys that change how a run goes but not what it computes (run_dir, run.*,
+checkpoint.*, plan.*, eval.batch_size, the logit store's look-ahead and disk keys) are not
+recorded. The evaluation records only the decoding keys: changed or added test sets and
+X-STA's inference keys are rescored by the evaluator itself (`_is_current` in
+dist_xqa/roles/evaluator.py), without a redo.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from dist_xqa.config import ConfigError, RunConfig
+from dist_xqa.logits.files import read_json, write_json
+from dist_xqa.logits.heartbeat import wait_for_run_files
+from dist_xqa.logits.manifest import hash_checkpoint
+
+log = logging.getLogger(__name__)
+
+STAGES = ("teachers", "distill", "evaluate")  # in dependency order
+RECORD_DIR = "stages"
+NOT_TRAINED = "(not trained)"  # a phase-1 model the student learnt from that is gone
+UNSET = "(unset)"
+STUDENT_STRATEGIES = ("lbmrc", "skd", "xsta")
+
+# Never recorded: they change how a run goes, not what it computes.
+OPERATIONAL = ("name", "run_dir", "run", "checkpoint", "plan", "eval.batch_size", "distill.lookahead_shards",
+               "distill.store_mode", "distill.disk_budget_gb")
+TRAINED_FROM = ("data", "model", "strategy", "seed", "eval")
+STAGE_KEYS = {
+    "teachers": (TRAINED_FROM + ("teacher",), ("data.test", "strategy.xsta", "strategy.skd")),
+    # X-STA's inference keys act at evaluation only; the evaluator rescores on them.
+    "distill": (TRAINED_FROM + ("student", "distill"),
+                ("data.test", "strategy.xsta.translate_test", "strategy.xsta.calibrate_at_inference")),
+    "evaluate": (("eval.n_best", "eval.max_answer_length"), ()),
+}
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one mapping of dotted keys (lists stay values)."""
+    flat = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def stage_names(cfg: RunConfig, phase1: list[str]) -> list[str]:
+    """The stages a run of `cfg` has, `phase1` the names of its phase-1 models."""
+    return [s for s in STAGES if (s != "teachers" or phase1) and (s != "distill" or cfg.strategy.name in
+                                                                   STUDENT_STRATEGIES)]
+
+
+def stage_settings(cfg: RunConfig, stage: str, phase1_weights: dict[str, str] | None = None) -> dict[str, Any]:
+    """The settings `stage` of a run of `cfg` depends on, as flat dotted keys; for
+    distill, `phase1_weights` (phase-1 model name -> weight hash, or NOT_TRAINED) adds
+    `weights.<name>`."""
+    wanted, excluded = STAGE_KEYS[stage]
+    settings = {k: v for k, v in flatten(dataclasses.asdict(cfg)).items()
+                if _under(k, wanted) and not _under(k, excluded) and not _under(k, OPERATIONAL)}
+    if stage == "distill":
+        settings.update({f"weights.{name}": h for name, h in (phase1_weights or {}).items()})
+    return settings
+
+
+def diff(recorded: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, recorded value, current value) of every key that differs, sorted by key."""
+    return [(k, recorded.get(k, UNSET), current.get(k, UNSET)) for k in sorted(recorded.keys() | current.keys())
+            if recorded.get(k, UNSET) != current.get(k, UNSET)]
+
+
+def with_dependants(stages: set[str] | list[str]) -> list[str]:
+    """`stages` and every stage after them, in order (each stage depends on the earlier ones)."""
+    first = min((STAGES.index(s) for s in stages), default=len(STAGES))
+    return list(STAGES[first:])
+
+
+def _show(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text[:12] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text  # a hash
+
+
+def decide(recorded: dict[str, dict | None], current: dict[str, dict], redo: set[str],
+           outputs: dict[str, list[str]]) -> tuple[list[str], str | None]:
+    """What a rerun does: (the stages to remove and redo, in order; the refusal message, or
+    None). `recorded`: each stage's record (None: none yet); `current`: the settings this
+    run would record; `redo`: the stages `--redo` names; `outputs`: what each stage
+    produced, for the message. A stage whose record differs must be redone, by `--redo`
+    naming it or a stage it depends on."""
+    to_redo = with_dependants(redo) if redo else []
+    changed = {s: diff(recorded[s], current[s]) for s in current if recorded.get(s) is not None}
+    unresolved = [s for s, d in changed.items() if d and s not in to_redo]
+    if not unresolved:
+        return [s for s in to_redo if s in current], None
+    lines = [f"  {s}: {k}: {_show(old)} -> {_show(new)}" for s in unresolved for k, old, new in changed[s]]
+    first = min(set(redo) | {unresolved[0]}, key=STAGES.index)
+    removed = [path for s in with_dependants([first]) if s in current for path in outputs[s]
+               if not path.startswith(("heartbeats/", RECORD_DIR + "/"))]  # what a user would look for
+    return [], ("this run directory holds stages made with other settings:\n" + "\n".join(lines) + "\n"
+                f"Rerun the same command with --redo {first} to remove {', '.join(removed)} and redo "
+                "them, or restore the settings above.")
+
+
+# --------------------------------------------------------------------------- files (rank 0)
+
+
+def _phase1(cfg: RunConfig) -> dict[str, Path]:
+    """Phase-1 model name -> its output directory. (The roles are imported here: the entry
+    point loads the data pipeline only once the config is accepted.)"""
+    from dist_xqa.prepare import phase1_jobs
+    from dist_xqa.roles.finetune import output_dir
+
+    return {job.name: output_dir(cfg, job) for job in phase1_jobs(cfg)}
+
+
+def _phase1_roles(cfg: RunConfig) -> list[str]:
+    """The phase-1 models' role names (teacher_<name>, model_<name>): their checkpoint
+    directories and heartbeats."""
+    from dist_xqa.roles.evaluator import model_name
+
+    return [model_name(d) for d in _phase1(cfg).values()]
+
+
+def record_path(cfg: RunConfig, stage: str) -> Path:
+    return cfg.run_path / RECORD_DIR / f"{stage}.json"
+
+
+def stage_outputs(cfg: RunConfig, stage: str) -> list[str]:
+    """What `stage` produces, as paths (globs) relative to the run directory, its record last."""
+    if stage == "teachers":
+        roles = _phase1_roles(cfg)
+        models = {f"{d.parent.name}/{d.name}/" for d in _phase1(cfg).values()}
+        made = [*sorted(models), *(f"checkpoints/{r}/" for r in roles), *(f"heartbeats/{r}.*.json" for r in roles)]
+    elif stage == "distill":
+        made = ["student/", "checkpoints/student/", "logits/", "skd/", "heartbeats/student.*.json"]
+    else:
+        made = ["eval/", "heartbeats/eval.*.json"]
+    return made + [f"{RECORD_DIR}/{stage}.json"]
+
+
+def phase1_weights(cfg: RunConfig) -> dict[str, str]:
+    """Weight hash of each finished phase-1 model (NOT_TRAINED for the others)."""
+    return {name: hash_checkpoint(d) if (d / "DONE.json").exists() else NOT_TRAINED
+            for name, d in _phase1(cfg).items()}
+
+
+def check_rerun(cfg: RunConfig, redo: set[str]) -> None:
+    """Rank 0, before data preparation: refuses (ConfigError) a rerun whose settings differ
+    from a stage's record, unless `redo` covers that stage; removes what the stages to
+    redo produced. A stale `prepared/` goes with the first training stage redone (built from the
+    data and model settings the training stages record)."""
+    names = stage_names(cfg, list(_phase1(cfg)))
+    recorded = {s: (read_json(record_path(cfg, s)) or {}).get("settings") for s in names}
+    current = {s: stage_settings(cfg, s, phase1_weights(cfg) if s == "distill" and recorded[s] else None)
+               for s in names}
+    outputs = {s: stage_outputs(cfg, s) for s in names}
+    to_redo, refusal = decide(recorded, current, redo, outputs)
+    if refusal:
+        raise ConfigError(f"{cfg.run_path}: {refusal}")
+    for stage in to_redo:
+        removed = [p for pattern in outputs[stage] for p in sorted(cfg.run_path.glob(pattern.rstrip("/")))]
+        if stage == to_redo[0] and stage != "evaluate" and _prepared_is_stale(cfg):
+            removed.append(cfg.run_path / "prepared")
+        for path in removed:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        log.info("--redo %s: removed from %s: %s", stage, cfg.run_path,
+                 ", ".join(str(p.relative_to(cfg.run_path)) for p in removed) or "nothing (not run yet)")
+
+
+def _prepared_is_stale(cfg: RunConfig) -> bool:
+    from dist_xqa.prepare import _fingerprint
+
+    info = read_json(cfg.run_path / "prepared" / "prepared.json")
+    return info is not None and info["fingerprint"] != _fingerprint(cfg)
+
+
+def record(cfg: RunConfig, stage: str) -> None:
+    """Rank 0, as `stage` starts: writes its record unless it has one (check_rerun found
+    it matching). The student's holds the phase-1 models' hashes, so call it for distill
+    once they are finished (wait_for_phase1)."""
+    path = record_path(cfg, stage)
+    if path.exists():
+        return
+    made = [p for pattern in stage_outputs(cfg, stage)[:1] for p in cfg.run_path.glob(pattern.rstrip("/"))]
+    if made:
+        log.warning("%s has no record of its settings (made before records were kept): "
+                    "taking this run's settings as its own", made[0])
+    settings = stage_settings(cfg, stage, phase1_weights(cfg) if stage == "distill" else None)
+    write_json(path, {"stage": stage, "settings": settings})
+
+
+def wait_for_phase1(cfg: RunConfig) -> None:
+    """Blocks until every phase-1 model is saved, as long as the run's roles beat."""
+    wait_for_run_files(cfg.run_path, [d / "DONE.json" for d in _phase1(cfg).values()], cfg.run.stall_timeout_s,
+                       "phase 2 waiting for the phase-1 models", expected=_phase1_roles(cfg))

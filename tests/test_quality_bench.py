@@ -1,0 +1,135 @@
+"""benchmarks/quality.py's bookkeeping over files: when a run's scores count (collect), the
+aggregate over seeds (mean and sample std), the Markdown table, its section of RESULTS.md,
+and that every row is a config the trainer accepts."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist_xqa.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks" / "quality.py")
+quality = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = quality  # dataclasses look their module up there
+_spec.loader.exec_module(quality)
+
+
+def section(f1: dict[str, float], p_t_alone: dict | None = None) -> dict:
+    langs = list(f1)
+    per_language = {lang: {"exact_match": v - 2, "f1": v} for lang, v in f1.items()}
+    out = {"per_language": per_language,
+           "xlt": {"exact_match": statistics.fmean(f1.values()) - 2, "f1": statistics.fmean(f1.values())},
+           "g_xlt": {"exact_match": 1.0, "f1": 3.0}, "pooled": {"exact_match": 0, "f1": 0},
+           "matrix": {"languages": langs, "f1": [[f1[q] if q == p else 3.0 for p in langs] for q in langs]}}
+    if p_t_alone:
+        out["p_T_alone"] = section(p_t_alone)
+    return out
+
+
+def finished_run(run_dir: Path, models: dict[str, dict], sets=("test",), write_summary=True) -> None:
+    """A run directory as the trainer leaves it: DONE.json of each model, then the summary."""
+    for name in models:
+        kind, _, short = name.partition("_")
+        directory = run_dir / ({"teacher": "teachers", "model": "models"}[kind] + "/" + short
+                               if kind in ("teacher", "model") else name)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "DONE.json").write_text("{}")
+    if write_summary:
+        (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+        summary = {name: {"selection": {}, "test_sets": {s: sec for s in sets}} for name, sec in models.items()}
+        (run_dir / "eval" / "summary.json").write_text(json.dumps(summary))
+
+
+def test_collect_counts_a_run_only_when_every_model_is_scored_on_every_set(tmp_path):
+    models = {"teacher_en": section({"en": 10.0}), "student": section({"en": 20.0})}
+    finished_run(tmp_path / "ok", models)
+    got = quality.collect(tmp_path / "ok", ["test"])
+    assert sorted(got["models"]) == ["student", "teacher_en"]
+    assert got["models"]["student"]["test_sets"]["test"]["per_language"]["en"]["f1"] == 20.0
+
+    finished_run(tmp_path / "none", models, write_summary=False)  # killed before the evaluation
+    assert quality.collect(tmp_path / "none", ["test"]) is None
+    assert quality.collect(tmp_path / "ok", ["test", "xquad"]) is None  # a test set missing
+
+    finished_run(tmp_path / "partial", {"student": section({"en": 20.0})})
+    (tmp_path / "partial" / "teachers" / "de").mkdir(parents=True)  # a model the summary lacks
+    (tmp_path / "partial" / "teachers" / "de" / "DONE.json").write_text("{}")
+    assert quality.collect(tmp_path / "partial", ["test"]) is None
+
+    finished_run(tmp_path / "stale", models)  # a model saved again after the summary
+    summary = tmp_path / "stale" / "eval" / "summary.json"
+    os.utime(summary, (summary.stat().st_mtime - 100,) * 2)
+    assert quality.collect(tmp_path / "stale", ["test"]) is None
+
+
+def test_collect_adds_xsta_target_side_alone(tmp_path):
+    finished_run(tmp_path, {"student": section({"en": 30.0, "de": 20.0}, p_t_alone={"en": 25.0, "de": 15.0})})
+    models = quality.collect(tmp_path, ["test"])["models"]
+    assert models["student"]["test_sets"]["test"]["per_language"]["de"]["f1"] == 20.0
+    assert models["student_p_T_alone"]["test_sets"]["test"]["per_language"]["de"]["f1"] == 15.0
+
+
+def record(row: str, seed: int, models: dict, reused=()) -> dict:
+    r = quality.ROWS[row]
+    return {"row": row, "seed": seed, "label": r.label, "group": r.group, "overrides": list(r.overrides),
+            "wall_s": 60.0, "reused": list(reused), "models": {m: {"test_sets": {"test": sec}} for m, sec in models.items()}}
+
+
+def test_aggregate_mean_and_sample_std_over_seeds_and_the_table(tmp_path):
+    records = {}
+    for seed, (student, teacher) in enumerate([(20.0, 10.0), (24.0, 12.0), (22.0, 14.0)]):
+        records["lbmrc_imp", seed] = record("lbmrc_imp", seed, {"teacher_en": section({"en": teacher, "es": 1.0}),
+                                                                 "student": section({"en": student, "es": 5.0})})
+        records["lbmrc_hyper", seed] = record("lbmrc_hyper", seed, {"teacher_en": section({"en": teacher, "es": 1.0}),
+                                                                     "student": section({"en": 1.0, "es": 2.0})},
+                                              reused=["teacher_en"])
+    records["zero_shot", 0] = record("zero_shot", 0, {"model_zero_shot": section({"en": 9.0, "es": 1.0})})
+    q = quality.aggregate(records, list(quality.ROWS))
+    student = q["rows"]["lbmrc_imp"]["mean_std"]["student"]["test"]
+    assert student["en"]["f1"] == {"mean": 22.0, "std": pytest.approx(2.0), "n": 3}
+    assert student["en"]["exact_match"]["mean"] == 20.0
+    assert student["xlt"]["f1"]["mean"] == pytest.approx(13.5)
+    assert q["rows"]["lbmrc_imp"]["mean_std"]["teacher_en"]["test"]["en"]["f1"]["std"] == pytest.approx(2.0)
+    # a row's table lines: the models it trained itself (teachers first), not reused teachers
+    assert list(q["rows"]["lbmrc_imp"]["mean_std"]) == ["teacher_en", "student"]
+    assert list(q["rows"]["lbmrc_hyper"]["mean_std"]) == ["student"]
+    assert q["rows"]["zero_shot"]["mean_std"]["model_zero_shot"]["test"]["en"]["f1"]["std"] is None
+
+    table = quality.markdown_tables(q)
+    lines = table.splitlines()
+    assert "| row | model | n | en F1 | es F1 | XLT F1 | G-XLT F1 | XLT EM |" in lines
+    assert "| lbmrc_imp | student | 3 | 22.0 ± 2.0 | 5.0 ± 0.0 | 13.5 ± 1.0 | 3.0 ± 0.0 | 11.5 ± 1.0 |" in lines
+    assert "| zero_shot | model_zero_shot | 1 | 9.0 | 1.0 | 5.0 | 3.0 | 3.0 |" in lines
+    # controls first, then the LBMRC rows
+    assert table.index("| zero_shot |") < table.index("| lbmrc_imp |")
+
+
+def test_results_section_replaces_its_own_block_only(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\n## Profiling\n\nother text\n")
+    quality.write_section(md, "demo-cpu", "Quality: demo", "table one")
+    quality.write_section(md, "xquad-cpu", "Quality: xquad", "table x")
+    quality.write_section(md, "demo-cpu", "Quality: demo", "table two")
+    text = md.read_text()
+    assert text.startswith("# Results\n\n## Profiling\n\nother text\n")
+    assert "table two" in text and "table one" not in text and "table x" in text
+    assert text.count("## Quality: demo") == 1
+
+
+def test_every_row_is_a_config_the_trainer_accepts_and_reuse_sources_run_first():
+    names = list(quality.ROWS)
+    for name, row in quality.ROWS.items():
+        cfg = load_config(ROOT / "configs" / "demo.yaml", list(row.overrides))
+        if row.reuse_from:
+            assert names.index(row.reuse_from) < names.index(name)
+            assert quality.shared_models(cfg), f"{name} reuses nothing of {row.reuse_from}"
+    assert quality.select_rows("core,zero_shot") == [n for n in names if n in quality.ROW_SETS["core"]]
+    with pytest.raises(SystemExit, match="unknown row"):
+        quality.select_rows("lbmrc_imp,nonsense")

@@ -1,0 +1,229 @@
+"""Safe reruns (dist_xqa/stages.py): which settings each stage records, what a changed
+setting makes a rerun do, and the real entry point refusing a changed distillation key
+and then, with --redo, redoing the student alone."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dist_xqa import stages, train
+from dist_xqa.config import ConfigError, load_config
+from dist_xqa.logits import Manifest, ShardPlan, StoreMismatchError, prepare_store
+
+XSTA = Path(__file__).resolve().parents[1] / "configs" / "demo_xsta.yaml"
+SKD = Path(__file__).resolve().parents[1] / "configs" / "demo_skd.yaml"
+
+
+def changed_stages(*overrides: str, config: Path | None = None) -> set[str]:
+    """The stages whose recorded settings a rerun with `overrides` finds changed."""
+    before, after = load_config(config), load_config(config, list(overrides))
+    names = stages.stage_names(before, ["en", "es", "de"])
+    return {s for s in names if stages.diff(stages.stage_settings(before, s), stages.stage_settings(after, s))}
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("distill.lambda_kd=0.7", {"distill"}),
+    ("distill.aggregation=hyper", {"distill"}),
+    ("distill.store_topk=8", {"distill"}),
+    ("student.lr=1e-4", {"distill"}),
+    ("student.global_batch_size=32", {"distill"}),
+    ("teacher.lr=1e-4", {"teachers"}),
+    ("teacher.epochs=2", {"teachers"}),
+    ("data.demo_articles=30", {"teachers", "distill"}),
+    ("model.tiny.num_hidden_layers=1", {"teachers", "distill"}),
+    ("seed=3", {"teachers", "distill"}),
+    ("strategy.teachers=[en,es]", {"teachers", "distill"}),
+    ("eval.select_on_dev=false", {"teachers", "distill"}),  # which epoch is kept
+    ("eval.n_best=5", {"teachers", "distill", "evaluate"}),  # dev selection decodes too
+    ("eval.max_answer_length=10", {"teachers", "distill", "evaluate"}),
+    # how a run goes, not what it computes
+    ("checkpoint.every=5", set()), ("checkpoint.keep=4", set()), ("run.stall_timeout_s=10", set()),
+    ("distill.lookahead_shards=3", set()), ("distill.store_mode=cache", set()), ("distill.disk_budget_gb=1", set()),
+    ("eval.batch_size=8", set()), ("run_dir=/elsewhere", set()), ("name=other", set()),
+    # test sets are scored, never trained on: the evaluator rescores them itself
+    ("data.test=[{name: extra, folder: /x, languages: [en]}]", set()),
+])
+def test_each_key_changes_the_stages_that_depend_on_it(override, expected):
+    assert changed_stages(override) == expected
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("strategy.xsta.gamma=0.5", {"distill"}),
+    ("strategy.xsta.share_layer=1", {"distill"}),
+    # act at evaluation only: the evaluator rescores on them, no retraining
+    ("strategy.xsta.translate_test=false", set()),
+    ("strategy.xsta.calibrate_at_inference=false", set()),
+])
+def test_xsta_method_keys_change_its_student_and_nothing_else(override, expected):
+    assert changed_stages(override, config=XSTA) == expected
+    assert "teachers" not in stages.stage_names(load_config(XSTA), [])  # X-STA has no phase 1
+
+
+def test_skd_method_keys_change_the_student_not_its_phase1_model():
+    assert changed_stages("strategy.skd.alpha_kl=2.0", config=SKD) == {"distill"}
+    assert changed_stages("teacher.lr=1e-4", config=SKD) == {"teachers"}
+
+
+def test_baselines_have_no_distill_stage():
+    cfg = load_config(None, ["strategy.name=mixmrc"])
+    assert stages.stage_names(cfg, ["mixmrc"]) == ["teachers", "evaluate"]
+
+
+OUTPUTS = {"teachers": ["teachers/"], "distill": ["student/", "logits/"], "evaluate": ["eval/"]}
+
+
+def settings(cfg_overrides=(), weights=None) -> dict[str, dict]:
+    cfg = load_config(None, list(cfg_overrides))
+    return {s: stages.stage_settings(cfg, s, weights or {"en": "a" * 64}) for s in stages.STAGES}
+
+
+def test_a_changed_key_is_refused_naming_it_and_the_redo_command():
+    recorded, current = settings(), settings(["distill.lambda_kd=0.7"])
+    to_redo, refusal = stages.decide(recorded, current, set(), OUTPUTS)
+    assert to_redo == []
+    assert "  distill: distill.lambda_kd: 0.5 -> 0.7\n" in refusal
+    assert "--redo distill to remove student/, logits/, eval/ and redo them" in refusal
+    assert "teachers:" not in refusal, "only the stages that differ are listed"
+
+
+def test_redo_covers_the_named_stage_and_what_depends_on_it():
+    recorded, current = settings(), settings(["distill.lambda_kd=0.7"])
+    assert stages.decide(recorded, current, {"distill"}, OUTPUTS) == (["distill", "evaluate"], None)
+    assert stages.decide(recorded, current, {"teachers"}, OUTPUTS) == (list(stages.STAGES), None)
+    to_redo, refusal = stages.decide(recorded, current, {"evaluate"}, OUTPUTS)
+    assert to_redo == [] and "--redo distill " in refusal, "redoing a later stage does not cover the change"
+    # an explicit --redo redoes even an unchanged stage
+    assert stages.decide(recorded, recorded, {"evaluate"}, OUTPUTS) == (["evaluate"], None)
+    assert stages.decide(recorded, recorded, set(), OUTPUTS) == ([], None)
+
+
+def test_a_change_in_two_stages_asks_for_the_earlier_one():
+    recorded, current = settings(), settings(["teacher.epochs=9", "student.epochs=8"])
+    _, refusal = stages.decide(recorded, current, set(), OUTPUTS)
+    demo = load_config()
+    assert f"teacher.epochs: {demo.teacher.epochs} -> 9" in refusal
+    assert f"student.epochs: {demo.student.epochs} -> 8" in refusal
+    assert "--redo teachers to remove teachers/, student/, logits/, eval/" in refusal
+
+
+def test_stages_without_a_record_are_not_compared():
+    recorded = {"teachers": settings()["teachers"], "distill": None, "evaluate": None}
+    assert stages.decide(recorded, settings(["distill.tau=1.0"]), set(), OUTPUTS) == ([], None)
+
+
+def test_a_retrained_teacher_changes_the_students_record():
+    recorded, current = settings(weights={"en": "a" * 64}), settings(weights={"en": "b" * 64})
+    _, refusal = stages.decide(recorded, current, set(), OUTPUTS)
+    assert f"weights.en: {'a' * 12} -> {'b' * 12}" in refusal
+    gone = settings(weights={"en": stages.NOT_TRAINED})
+    assert "weights.en: aaaaaaaaaaaa -> (not trained)" in stages.decide(recorded, gone, set(), OUTPUTS)[1]
+
+
+def fake_run(run_dir: Path) -> dict[Path, str]:
+    """A finished run's files as the stages leave them (without training): teachers with
+    weights, the student, its checkpoints and store, the results; records written as the
+    entry point writes them. Returns every file's SHA-256."""
+    cfg = load_config(None, [f"run_dir={run_dir}"])
+    for i, lang in enumerate(("en", "es", "de")):
+        (run_dir / "teachers" / lang).mkdir(parents=True)
+        (run_dir / "teachers" / lang / "model.safetensors").write_bytes(bytes([i]) * 64)
+        (run_dir / "teachers" / lang / "DONE.json").write_text("{}")
+        (run_dir / "checkpoints" / f"teacher_{lang}").mkdir(parents=True)
+        (run_dir / "checkpoints" / f"teacher_{lang}" / "latest").write_text("global_step3")
+    stages.record(cfg, "teachers")
+    for path in ("student/model.safetensors", "student/DONE.json", "checkpoints/student/latest",
+                 "logits/manifest.json", "skd/teacher_gen0/config.json", "eval/student.json",
+                 "heartbeats/student.0.json", "heartbeats/teacher_en.0.json"):
+        (run_dir / path).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / path).write_text(path)
+    stages.record(cfg, "distill")
+    stages.record(cfg, "evaluate")
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_check_rerun_refuses_then_redo_removes_exactly_the_student_and_what_follows(tmp_path):
+    run_dir = tmp_path / "run"
+    files = fake_run(run_dir)
+    assert json.loads((run_dir / "stages" / "distill.json").read_text())["settings"]["weights.en"] == \
+        hashlib.sha256(b"model.safetensors\x0064\x00" + bytes([0]) * 64).hexdigest()
+    stages.check_rerun(load_config(None, [f"run_dir={run_dir}", "checkpoint.every=7"]), set())  # nothing to redo
+    changed = load_config(None, [f"run_dir={run_dir}", "distill.lambda_kd=0.7"])
+    with pytest.raises(ConfigError, match=r"distill\.lambda_kd: 0\.5 -> 0\.7(.|\n)*--redo distill"):
+        stages.check_rerun(changed, set())
+    assert all(p.exists() for p in files), "a refusal removes nothing"
+
+    stages.check_rerun(changed, {"distill"})
+    kept = {p: h for p, h in files.items() if p.exists()}
+    gone = sorted(str(p.relative_to(run_dir)) for p in set(files) - set(kept))
+    assert gone == ["checkpoints/student/latest", "eval/student.json", "heartbeats/student.0.json",
+                    "logits/manifest.json", "skd/teacher_gen0/config.json", "stages/distill.json",
+                    "stages/evaluate.json", "student/DONE.json", "student/model.safetensors"]
+    assert all(hashlib.sha256(p.read_bytes()).hexdigest() == h for p, h in kept.items())
+    stages.check_rerun(changed, set())  # the teachers' record still matches: nothing left to refuse
+
+
+@pytest.mark.parametrize("change,prepared_kept", [("teacher.lr=1e-4", True), ("data.demo_articles=30", False)])
+def test_redoing_the_teachers_removes_every_stage_and_a_stale_data_preparation(tmp_path, change, prepared_kept):
+    from dist_xqa.prepare import _fingerprint
+
+    run_dir = tmp_path / "run"
+    files = fake_run(run_dir)
+    cfg = load_config(None, [f"run_dir={run_dir}"])
+    (run_dir / "prepared").mkdir()
+    (run_dir / "prepared" / "prepared.json").write_text(json.dumps({"fingerprint": _fingerprint(cfg)}))
+    changed = load_config(None, [f"run_dir={run_dir}", change])
+    with pytest.raises(ConfigError, match=f"  teachers: {change.split('=')[0]}"):
+        stages.check_rerun(changed, {"distill"})
+    stages.check_rerun(changed, {"teachers"})
+    assert not any(p.exists() for p in files), "the teachers and every stage after them"
+    assert (run_dir / "prepared").exists() == prepared_kept
+
+
+def test_a_store_of_another_run_names_the_redo_that_resets_it(tmp_path):
+    plan = ShardPlan(range(8), shard_size=4, seed=0)
+    prepare_store(tmp_path, Manifest.for_plan(plan, "tok", {"en": "one"}))
+    with pytest.raises(StoreMismatchError, match="teacher 'en' checkpoint.*rerun the same command with --redo distill"):
+        prepare_store(tmp_path, Manifest.for_plan(plan, "tok", {"en": "two"}))
+
+
+def test_redo_takes_stage_names():
+    assert train.parse_args(["--redo", "distill,evaluate"]).redo == {"distill", "evaluate"}
+    assert train.parse_args([]).redo == set()
+    with pytest.raises(SystemExit):
+        train.parse_args(["--redo", "student"])
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+@pytest.mark.slow
+def test_a_changed_distill_key_is_refused_then_redo_redoes_only_the_student(tmp_path):
+    """The entry point on 2 CPU ranks: a tiny run, then the same command with a changed
+    distillation key stops on every rank before any training, naming the key; with
+    --redo distill only the student (and its evaluation) is redone."""
+    from test_pipeline_e2e import QUICK, ROOT, launch, train_command
+
+    run_dir = tmp_path / "run"
+    launch(run_dir, *QUICK)
+    teachers = {p: p.stat().st_mtime_ns for p in (run_dir / "teachers").rglob("*") if p.is_file()}
+    student = (run_dir / "student" / "model.safetensors").stat().st_mtime_ns
+
+    command, env = train_command(run_dir, *QUICK, "distill.lambda_kd=0.7")
+    refused = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0
+    assert output.count("distill.lambda_kd: 0.5 -> 0.7") >= 2, "every rank stops with the message"
+    assert "--redo distill" in output and "Traceback" not in output
+    assert (run_dir / "student" / "model.safetensors").stat().st_mtime_ns == student
+
+    launch(run_dir, *QUICK, "distill.lambda_kd=0.7", "--redo", "distill")
+    assert {p: p.stat().st_mtime_ns for p in teachers} == teachers, "the teachers are untouched"
+    assert (run_dir / "student" / "model.safetensors").stat().st_mtime_ns != student
+    record = json.loads((run_dir / "stages" / "distill.json").read_text())
+    assert record["settings"]["distill.lambda_kd"] == 0.7
+    assert "student" in json.loads((run_dir / "eval" / "summary.json").read_text())
+    stages.check_rerun(load_config(None, [f"run_dir={run_dir}", *QUICK, "distill.lambda_kd=0.7"]), set())  # matches now

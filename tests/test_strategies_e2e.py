@@ -1,0 +1,120 @@
+"""X-STA and self-distillation end to end, as users run them: the README's command with
+configs/demo_xsta.yaml / configs/demo_skd.yaml under the deepspeed launcher on 2 CPU ranks
+(the demo shrunk by overrides), into a temporary run directory. Each run must finish, be
+evaluated on every test set (X-STA with translate-test on the oracle English file; SKD's
+phase-1 model and its student), have learnt something (its logged loss fell and its test F1
+beats an untrained model's, where that margin is robust at this size), and a rerun of the
+same command must redo nothing."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForQuestionAnswering
+
+from dist_xqa.roles.xsta import load_xsta
+from tests.test_pipeline_e2e import LANGUAGES, launch, untrained_f1
+from tests.test_skd import scalars
+
+# 30 demo articles at length 96: about a minute of training per run on 2 idle cores
+SHRINK = ("data.demo_articles=30", "model.max_length=96", "model.doc_stride=32")
+
+
+def reports(run_dir: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (run_dir / "eval").glob("*.json") if p.stem != "summary"}
+
+
+def stamps(*paths: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in paths}
+
+
+def assert_fell(history: list[float], what: str) -> None:
+    """A logged loss fell: the mean of its last three values well below that of its first
+    three (single steps are noisy)."""
+    assert len(history) >= 6 and sum(history[-3:]) < 0.85 * sum(history[:3]), (what, history)
+
+
+def assert_scored_on_every_pair(section: dict) -> None:
+    assert set(section["per_language"]) == set(LANGUAGES)
+    assert len(section["matrix"]["f1"]) == len(LANGUAGES) and section["g_xlt"] is not None
+
+
+@pytest.mark.slow
+def test_xsta_demo_end_to_end_with_translate_test(tmp_path):
+    run_dir = tmp_path / "xsta"
+    command = ("--config", "configs/demo_xsta.yaml", *SHRINK, "student.epochs=3")
+    first = launch(run_dir, *command)
+
+    found = reports(run_dir)
+    assert list(found) == ["student"]
+    report = found["student"]
+    assert set(report["test_sets"]) == {"test"}  # the demo's one test set: its corpus's test split
+    section = report["test_sets"]["test"]
+    assert_scored_on_every_pair(section)
+    inference = section["inference"]
+    answerable = section["questions"] - len(section["unanswerable"])
+    assert inference["translate_test_examples"] > 0
+    assert inference["translate_test_examples"] + inference["p_T_examples"] == answerable
+    assert inference["oracle_translation"] == str(run_dir / "data" / "demo.en.json")
+    assert inference["translate_test_scores"].startswith("p~_T = (p_T|S + p_T) / 2")
+    assert_scored_on_every_pair(section["p_T_alone"])
+    assert "oracle translation" in first.stdout and "student (p_T alone)" in first.stdout
+
+    logged = scalars(run_dir / "tb")
+    for part in ("total", "mrc_src", "mrc_tgt", "teacher_guided", "sentence", "token"):
+        assert logged.get(f"student/loss/{part}"), part
+    assert_fell(logged["student/loss/total"], "student/loss/total")
+    # the folder is the Hugging Face QA model, and the whole X-STA model through load_xsta
+    assert type(AutoModelForQuestionAnswering.from_pretrained(run_dir / "student")).__name__ == "BertForQuestionAnswering"
+    assert load_xsta(run_dir / "student").encoder.share_index == 0  # layer 1 of 2: two thirds, rounded
+    # p_T alone is what the saved Hugging Face model answers with
+    baseline = untrained_f1(run_dir)
+    assert section["p_T_alone"]["pooled"]["f1"] > baseline + 2, (section["p_T_alone"]["pooled"], baseline)
+
+    # The same command again trains and scores nothing.
+    model = run_dir / "student" / "model.safetensors"
+    before = stamps(model, run_dir / "student" / "xsta.safetensors", run_dir / "eval" / "student.json")
+    launch(run_dir, *command)
+    assert stamps(*before) == before
+
+    # Without translate-test: the finished model rescored, not retrained.
+    launch(run_dir, *command, "--stage", "evaluate", "strategy.xsta.translate_test=false")
+    assert stamps(model) == {model: before[model]}
+    rescored = reports(run_dir)["student"]["test_sets"]["test"]
+    assert rescored["inference"]["translate_test_examples"] == 0
+    assert rescored["inference"]["p_T_because"] == "strategy.xsta.translate_test is false"
+    assert rescored["pooled"] == section["p_T_alone"]["pooled"] and "p_T_alone" not in rescored
+
+
+@pytest.mark.slow
+def test_skd_demo_end_to_end_evaluates_phase1_and_student(tmp_path):
+    run_dir = tmp_path / "skd"
+    command = ("--config", "configs/demo_skd.yaml", *SHRINK, "teacher.epochs=2", "student.epochs=2")
+    launch(run_dir, *command)
+
+    found = reports(run_dir)
+    assert set(found) == {"model_skd_phase1", "student"}
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert set(summary) == set(found)
+    for report in found.values():
+        assert set(report["test_sets"]) == {"test"}
+        assert_scored_on_every_pair(report["test_sets"]["test"])
+        assert "inference" not in report["test_sets"]["test"]  # translate-test is X-STA's alone
+
+    # Both phases learnt: their logged losses fell (at this size their test F1 is too close
+    # to an untrained model's to bound robustly), and the student was distilled: the KL
+    # against its teacher generation counted, weighted by the teacher's mAP@k.
+    logged = scalars(run_dir / "tb")
+    assert_fell(logged["model/skd_phase1/loss"], "phase 1")
+    assert_fell(logged["student/loss/ce"], "phase 2 cross-entropy")
+    assert any(kl > 0 for kl in logged["student/loss/kl"]), logged["student/loss/kl"]
+    alphas = logged["student/alpha_kl"]
+    assert all(0 <= alpha <= 1 for alpha in alphas) and any(alpha > 0 for alpha in alphas), alphas
+    # the teacher of the last epoch was that epoch's generation of the student
+    assert json.loads((run_dir / "logits" / "manifest.json").read_text())["generation"] == 1
+
+    before = stamps(run_dir / "models" / "skd_phase1" / "model.safetensors", run_dir / "student" / "model.safetensors",
+                    run_dir / "eval" / "student.json", run_dir / "eval" / "model_skd_phase1.json")
+    launch(run_dir, *command)
+    assert stamps(*before) == before
