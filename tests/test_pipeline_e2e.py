@@ -5,6 +5,7 @@ and an untrained model by far, every model loads in Hugging Face, TensorBoard ho
 per-branch tags, and rerunning the command redoes no finished stage."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -159,22 +160,28 @@ def test_every_strategy_runs_and_is_evaluated(tmp_path, overrides, models):
         assert sorted(manifest["teachers"]) == sorted(m[len("teacher_"):] for m in models if m != "student")
 
 
+def kill_job_when(path: Path, run_dir: Path, *overrides: str, timeout: float = 900) -> None:
+    """Starts the README's command into `run_dir` and kills the whole job (every rank, no
+    clean-up: SIGKILL to its process group) as soon as `path` exists."""
+    command, env = train_command(run_dir, *overrides)
+    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not path.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):  # the job may have ended on its own
+        os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert path.exists(), f"{path} never appeared (job exit code {job.returncode})"
+
+
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_its_latest_checkpoint(tmp_path):
     """The whole job is killed (every rank, no clean-up) once the student has saved a
     checkpoint; the same command then resumes the student from it and finishes."""
     run_dir = tmp_path / "run"
     overrides = (*QUICK, "student.epochs=2", "checkpoint.every=3")
-    command, env = train_command(run_dir, *overrides)
-    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
-    latest = run_dir / "checkpoints" / "student" / "latest"
-    deadline = time.monotonic() + 900
-    while not latest.exists() and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
-    assert latest.exists(), "the student never checkpointed"
+    kill_job_when(run_dir / "checkpoints" / "student" / "latest", run_dir, *overrides)
     assert not (run_dir / "student" / "DONE.json").exists(), "killed too late: the student had finished"
 
     launch(run_dir, *overrides)

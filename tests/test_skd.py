@@ -312,13 +312,14 @@ def launch_worker(worker: Path, run_dir: Path, prepared_as: str, *overrides: str
 def scalars(tb_dir: Path) -> dict[str, list[float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    found: dict[str, list[float]] = {}
+    found: dict[str, list] = {}
     for events in tb_dir.rglob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(events))
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:
-            found.setdefault(tag, []).extend(e.value for e in accumulator.Scalars(tag))
-    return found
+            found.setdefault(tag, []).extend(accumulator.Scalars(tag))
+    # in step order: a resumed run writes its own event file, listed in no particular order
+    return {tag: [e.value for e in sorted(events, key=lambda e: (e.step, e.wall_time))] for tag, events in found.items()}
 
 
 @pytest.mark.slow

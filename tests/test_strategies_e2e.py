@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoModelForQuestionAnswering
 
 from dist_xqa.roles.xsta import load_xsta
-from tests.test_pipeline_e2e import LANGUAGES, launch, untrained_f1
+from tests.test_pipeline_e2e import LANGUAGES, kill_job_when, launch, untrained_f1
 from tests.test_skd import scalars
 
 # 30 demo articles at length 96: about a minute of training per run on 2 idle cores
@@ -88,10 +88,19 @@ def test_xsta_demo_end_to_end_with_translate_test(tmp_path):
 
 
 @pytest.mark.slow
-def test_skd_demo_end_to_end_evaluates_phase1_and_student(tmp_path):
+def test_skd_demo_killed_at_the_epoch_boundary_resumes_and_is_evaluated(tmp_path):
     run_dir = tmp_path / "skd"
     command = ("--config", "configs/demo_skd.yaml", *SHRINK, "teacher.epochs=2", "student.epochs=2")
+    # Killed (every rank, no clean-up) at the epoch boundary, as soon as generation 1's
+    # teacher is saved; the same command resumes the student inside generation 1 with that
+    # teacher (not a new snapshot of its weights, not generation 0's store) and finishes.
+    generation1 = run_dir / "skd" / "teacher_gen1" / "config.json"
+    kill_job_when(generation1, run_dir, *command)
+    assert not (run_dir / "student" / "DONE.json").exists(), "killed too late: the student had finished"
+    snapshot = stamps(generation1.parent / "model.safetensors")
     launch(run_dir, *command)
+    assert "student (skd): resumed from" in (run_dir / "logs" / "rank0.log").read_text()
+    assert stamps(*snapshot) == snapshot, "the resumed student re-saved its generation's teacher"
 
     found = reports(run_dir)
     assert set(found) == {"model_skd_phase1", "student"}
