@@ -16,7 +16,7 @@ each epoch with the epoch's seed, against the teacher of the epoch's generation:
   is wiped when generation e starts (the reader refuses a store of another generation:
   StoreMismatchError).
 - Loss: strategies.skd.skd_loss with alpha_kl fixed or the teacher's mAP@k on the batch;
-  logged as student/loss/<part> and student/alpha_kl every LOG_EVERY steps (the values stay
+  logged as student/loss/<part> and student/alpha_kl every `Monitor.every` steps (the values stay
   on the device in between: no host sync per step).
 """
 from __future__ import annotations
@@ -54,7 +54,6 @@ PHASE1_JOB = SKD_PHASE1_JOB
 TRAIN_SET = "mixmrc"  # every question x passage pair: each epoch's sample is a subset of its features
 DEV_SET = "mixmrc.dev"
 TEACHER = "self"
-LOG_EVERY = 10  # optimizer steps between TensorBoard writes (one host sync each)
 Key = tuple[str, str, str]
 
 
@@ -246,7 +245,7 @@ def run_skd(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan,
             for name in ("total", "ce", "kl"):
                 scalars.add(f"student/loss/{name}", getattr(loss, name))
             scalars.add("student/alpha_kl", loss.alpha_kl)
-        if state.global_step % LOG_EVERY == 0:
+        if scalars.due(state.global_step):
             scalars.flush(state.global_step)
             monitor.scalar("student/lr", engine.get_lr()[0], state.global_step)
         monitor.throughput(len(rows), state.global_step)

@@ -51,7 +51,6 @@ EXTRAS_WEIGHTS, EXTRAS_CONFIG = "xsta.safetensors", "xsta.json"
 QA_PREFIXES = ("encoder.qa.", "encoder.sharing.layer.")
 TRAIN_SET = "tt_union"  # every language with question and passage in it
 DEV_SET = "tt_union.dev"
-LOG_EVERY = 10  # optimizer steps between TensorBoard writes (one host sync each)
 Key = tuple[str, str, str]
 
 
@@ -235,7 +234,7 @@ def run_xsta(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan
             engine.step()
             for name, value in loss._asdict().items():
                 scalars.add(f"student/loss/{name}", value)
-        if state.global_step % LOG_EVERY == 0:
+        if scalars.due(state.global_step):
             scalars.flush(state.global_step)
             monitor.scalar("student/lr", engine.get_lr()[0], state.global_step)
         monitor.throughput(len(batch), state.global_step)
