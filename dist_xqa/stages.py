@@ -125,7 +125,7 @@ def decide(recorded: dict[str, dict | None], current: dict[str, dict], redo: set
     lines = [f"  {s}: {k}: {_show(old)} -> {_show(new)}" for s in unresolved for k, old, new in changed[s]]
     first = min(set(redo) | {unresolved[0]}, key=STAGES.index)
     removed = [path for s in with_dependants([first]) if s in current for path in outputs[s]
-               if not path.startswith(("heartbeats/", RECORD_DIR + "/"))]  # what a user would look for
+               if not path.startswith(("heartbeats/", "tb/", RECORD_DIR + "/"))]  # what a user would look for
     return [], ("this run directory holds stages made with other settings:\n" + "\n".join(lines) + "\n"
                 f"Rerun the same command with --redo {first} to remove {', '.join(removed)} and redo "
                 "them, or restore the settings above.")
@@ -160,11 +160,12 @@ def stage_outputs(cfg: RunConfig, stage: str) -> list[str]:
     if stage == "teachers":
         roles = _phase1_roles(cfg)
         models = {f"{d.parent.name}/{d.name}/" for d in _phase1(cfg).values()}
-        made = [*sorted(models), *(f"checkpoints/{r}/" for r in roles), *(f"heartbeats/{r}.*.json" for r in roles)]
+        made = [*sorted(models), *(f"checkpoints/{r}/" for r in roles), *(f"heartbeats/{r}.*.json" for r in roles),
+                *(f"tb/{r}/" for r in roles)]
     elif stage == "distill":
-        made = ["student/", "checkpoints/student/", "logits/", "skd/", "heartbeats/student.*.json"]
+        made = ["student/", "checkpoints/student/", "logits/", "skd/", "heartbeats/student.*.json", "tb/student/"]
     else:
-        made = ["eval/", "heartbeats/eval.*.json"]
+        made = ["eval/", "heartbeats/eval.*.json", "tb/eval/"]
     return made + [f"{RECORD_DIR}/{stage}.json"]
 
 

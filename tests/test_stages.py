@@ -137,7 +137,8 @@ def fake_run(run_dir: Path) -> dict[Path, str]:
     stages.record(cfg, "teachers")
     for path in ("student/model.safetensors", "student/DONE.json", "checkpoints/student/latest",
                  "logits/manifest.json", "skd/teacher_gen0/config.json", "eval/student.json",
-                 "heartbeats/student.0.json", "heartbeats/teacher_en.0.json"):
+                 "heartbeats/student.0.json", "heartbeats/teacher_en.0.json", "tb/student/events.out.tfevents.1",
+                 "tb/teacher_en/events.out.tfevents.1", "tb/eval/events.out.tfevents.1"):
         (run_dir / path).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / path).write_text(path)
     stages.record(cfg, "distill")
@@ -161,7 +162,8 @@ def test_check_rerun_refuses_then_redo_removes_exactly_the_student_and_what_foll
     gone = sorted(str(p.relative_to(run_dir)) for p in set(files) - set(kept))
     assert gone == ["checkpoints/student/latest", "eval/student.json", "heartbeats/student.0.json",
                     "logits/manifest.json", "skd/teacher_gen0/config.json", "stages/distill.json",
-                    "stages/evaluate.json", "student/DONE.json", "student/model.safetensors"]
+                    "stages/evaluate.json", "student/DONE.json", "student/model.safetensors",
+                    "tb/eval/events.out.tfevents.1", "tb/student/events.out.tfevents.1"]
     assert all(hashlib.sha256(p.read_bytes()).hexdigest() == h for p, h in kept.items())
     stages.check_rerun(changed, set())  # the teachers' record still matches: nothing left to refuse
 
