@@ -24,7 +24,7 @@ run again (the trainer resumes from its checkpoints). OUT/quality.json gathers e
 x seed x model x test set x language (EM/F1, the question x passage matrix); the Markdown
 table (mean +- sample std over seeds) goes to OUT/table.md and to this config's section
 of benchmarks/RESULTS.md, the figures (benchmarks/plot_quality.py) beside quality.json.
-Progress: OUT/progress.log.
+Progress: stdout and WORK/progress.log (beside the run directories).
 """
 from __future__ import annotations
 
@@ -361,7 +361,7 @@ def run_trainer(cmd: list[str], env: dict, log) -> int:
 
 
 class Progress:
-    """Progress lines on stdout and in OUT/progress.log; the estimate of the rest uses each
+    """Progress lines on stdout and in WORK/progress.log; the estimate of the rest uses each
     row's own time where a seed of it has finished, else the mean over finished runs."""
 
     def __init__(self, out: Path, records: dict):
@@ -390,7 +390,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     p.add_argument("--rows", default="all", help=f"comma-separated rows or sets ({', '.join(ROW_SETS)})")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--out", type=Path, required=True, help="quality.json, table.md, records/, progress.log")
+    p.add_argument("--out", type=Path, required=True, help="quality.json, table.md, records/")
     p.add_argument("--work", type=Path, help="run directories (default runs/<name of --out>, git-ignored)")
     p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu",
                    help="cpu: CPU ranks (DS_ACCELERATOR=cpu) and the CPU-sized profile; gpu: GPU ranks and "
@@ -450,7 +450,8 @@ def main(argv=None) -> int:
         except ConfigError as err:
             skipped[name] = str(err)
     records = load_records(args.out)
-    progress = Progress(args.out, records)
+    work.mkdir(parents=True, exist_ok=True)
+    progress = Progress(work, records)  # machine-specific lines stay beside the runs
     budget = describe_budget(load_config(args.config, profile), args)
     progress.say(budget)
     for name, why in skipped.items():
@@ -499,7 +500,7 @@ def main(argv=None) -> int:
                          + "\n  ".join(tail))
             continue
         rec = {"row": name, "seed": seed, "label": row.label, "group": row.group, "overrides": overrides,
-               "wall_s": round(wall, 1), "reused": reused, "run_dir": str(run_dir), "code": code, **scores}
+               "wall_s": round(wall, 1), "reused": reused, "run_dir": str(run_dir.relative_to(work)) if run_dir.is_relative_to(work) else str(run_dir), "code": code, **scores}
         write_atomic(record_path(args.out, name, seed), json.dumps(rec, ensure_ascii=False) + "\n")
         records[name, seed] = rec
         progress.times[name, seed] = wall
