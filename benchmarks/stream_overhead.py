@@ -74,18 +74,17 @@ from datasets import Dataset  # noqa: E402
 from dist_xqa import kernels  # noqa: E402
 from dist_xqa.config import DistillConfig, ModelConfig  # noqa: E402
 from dist_xqa.distributed import build_engine, init_distributed, load_ds_config, make_groups, release_engine  # noqa: E402
-from dist_xqa.inference import model_inputs, predict_logits  # noqa: E402
+from dist_xqa.inference import label_tensors, model_inputs, predict_logits  # noqa: E402
 from dist_xqa.logits import Manifest, Producer, ShardPlan, StoreReader, rank_rows  # noqa: E402
-from dist_xqa.logits.heartbeat import Heartbeat  # noqa: E402
 from dist_xqa.logits.shards import LOGIT_DTYPES, list_shards  # noqa: E402
 from dist_xqa.losses import span_nll  # noqa: E402
 from dist_xqa.models import build_model  # noqa: E402
 from dist_xqa.monitor import Monitor  # noqa: E402
-from dist_xqa.roles.finetune import label_tensors  # noqa: E402
 from dist_xqa.roles.loop import LoopState  # noqa: E402
 from dist_xqa.roles.plan import plan_roles  # noqa: E402
 from dist_xqa.roles.student import (ShardBatches, StudentInputs, StudentScalars, StudentTrainStep,  # noqa: E402
                                     kd_options, loader_workers, student_step)
+from dist_xqa.waiting import Heartbeat  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "stream_overhead.json"
@@ -307,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                 for k, t in enumerate(teacher_names)}
 
     def teacher_compute(model: torch.nn.Module) -> Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]:
-        # as dist_xqa.roles.student.teacher_compute, on an in-memory model
+        # as dist_xqa.roles.producer.teacher_compute, on an in-memory model
         def compute(ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
             rows = [row_of[int(f)] for f in ids]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):

@@ -160,6 +160,11 @@ class DistillConfig:
     lookahead_shards: int = 8
     store_mode: str = "window"  # window (bounded disk) | cache (keep shards for later epochs)
     disk_budget_gb: float = 10.0  # cache mode: above it, fall back to window deletion
+    # The paper's precompute: every shard of D for every teacher is written once before the
+    # student's first step (no look-ahead bound), and read from disk in every epoch. Needs
+    # store_mode cache with a disk_budget_gb that holds D (checked at start-up); nothing is
+    # evicted. false: streamed a look-ahead ahead of the student.
+    precompute: bool = False
     logits_dtype: str = "float16"  # float16 | bfloat16
     # Store each teacher logit row as its top k logits, their positions and the log-sum-exp
     # of the rest (4k + 4 bytes a row instead of 2L); null: dense. See benchmarks/RESULTS.md.
@@ -261,7 +266,7 @@ class EvalConfig:
 
 @dataclass
 class RunSettings:
-    """`run`: how long roles wait for each other (dist_xqa/logits/heartbeat.py)."""
+    """`run`: how long roles wait for each other (dist_xqa/waiting.py)."""
 
     # A rank waits for another role as long as its heartbeat moves; this long without a
     # beat (or a failed beat) stops it, naming the stalled role, its step and its log.
@@ -270,6 +275,23 @@ class RunSettings:
     # Rank 0 estimates the run's peak disk use after data preparation and refuses a run
     # that will not fit the free space of run_dir (dist_xqa/disk.py); false: skip it.
     check_disk: bool = True
+    # A debug trace: each student rank writes what every step trained on (feature ids,
+    # teachers' logit checksums, the exact loss) to <run>/trace/ (dist_xqa/roles/trace.py).
+    # It reads the losses back after every step: off for real runs.
+    trace_steps: bool = False
+    # DataLoader worker processes assembling the student's micro-batches: auto (2 on a GPU
+    # host; none on CPU, where the read-ahead thread does it and workers would take cores
+    # from the ranks) or a number (0: in the read-ahead thread). The same batches either way.
+    loader_workers: int | str = "auto"
+
+
+@dataclass
+class MonitorConfig:
+    """`monitor`: TensorBoard logging (dist_xqa/monitor.py)."""
+
+    # Optimizer steps between writes of the per-step scalars a student keeps on the device
+    # (losses, teacher weights, lr, samples_per_second): each write is one host sync.
+    every: int = 10
 
 
 @dataclass
@@ -292,6 +314,10 @@ class PlanConfig:
     # a forward + backward: 3). Producers are sized so ratio x producers >= student ranks;
     # set it below the measured ratio to keep the store further ahead.
     producer_speed_ratio: float = 3.0
+    # balanced: the fewest rounds of concurrent teacher groups, ranks in proportion to work;
+    # sequential (the paper's pipeline): every teacher a round of its own on every rank, and
+    # in phase 2 every rank produces part of every teacher's logits and trains the student.
+    teacher_schedule: str = "balanced"
 
 
 @dataclass
@@ -300,6 +326,7 @@ class RunConfig:
     run_dir: str | None = None  # default runs/<name> under the working directory
     seed: int = 0
     run: RunSettings = field(default_factory=RunSettings)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -342,7 +369,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        for candidate in inner:  # the first member that takes the value (int | str: 2 or "auto")
+            try:
+                return _coerce(value, candidate, key)
+            except ConfigError:
+                pass
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
+        raise ConfigError(f"config key '{key}' must be {names}, got {value!r}")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
@@ -562,6 +597,12 @@ def validate(cfg: RunConfig) -> None:
     need(k.lookahead_shards >= 1, "distill.lookahead_shards must be at least 1")
     need(k.store_mode in ("window", "cache"), f"distill.store_mode must be window or cache, got '{k.store_mode}'")
     need(k.logits_dtype in ("float16", "bfloat16"), "distill.logits_dtype must be float16 or bfloat16")
+    # (whether disk_budget_gb holds D is checked once the data is prepared: disk.check_precompute_budget)
+    need(not k.precompute or k.store_mode == "cache",
+         f"distill.precompute keeps every shard of D for every epoch: it needs distill.store_mode cache "
+         f"(got '{k.store_mode}')")
+    need(not k.precompute or s.name == "lbmrc",
+         f"distill.precompute applies to strategy lbmrc's teacher logits, not to '{s.name}'")
     need(k.store_topk is None or k.store_topk >= 1,
          f"distill.store_topk must be null (dense) or at least 1, got {k.store_topk}")
     for role in ("teacher", "student"):
@@ -580,8 +621,17 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.checkpoint.every >= 1, f"checkpoint.every must be at least 1, got {cfg.checkpoint.every}")
     need(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be at least 1 (the resume point), got {cfg.checkpoint.keep}")
     need(cfg.run.stall_timeout_s > 0, f"run.stall_timeout_s must be positive, got {cfg.run.stall_timeout_s}")
+    workers = cfg.run.loader_workers
+    need(workers == "auto" or (isinstance(workers, int) and workers >= 0),
+         f"run.loader_workers must be auto or a number of processes >= 0, got {workers!r}")
+    need(cfg.monitor.every >= 1, f"monitor.every must be at least 1 (optimizer steps), got {cfg.monitor.every}")
     p = cfg.plan
     need(p.student_min_ranks >= 1, f"plan.student_min_ranks must be at least 1, got {p.student_min_ranks}")
     need(p.producers in ("auto", "dedicated", "shared"),
          f"plan.producers must be auto, dedicated or shared, got '{p.producers}'")
     need(p.producer_speed_ratio > 0, f"plan.producer_speed_ratio must be positive, got {p.producer_speed_ratio}")
+    need(p.teacher_schedule in ("balanced", "sequential"),
+         f"plan.teacher_schedule must be balanced or sequential, got '{p.teacher_schedule}'")
+    need(p.teacher_schedule != "sequential" or p.producers != "dedicated",
+         "plan.teacher_schedule sequential produces every teacher's logits on every rank: "
+         "it needs plan.producers auto or shared, not dedicated")

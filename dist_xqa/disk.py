@@ -119,6 +119,37 @@ def count_parameters(cfg, tokenizer) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def store_size(cfg, prepared) -> tuple[int, int]:
+    """(teachers, features) whose logits the run's store holds: LBMRC's K teachers over D,
+    SKD's frozen copy over its training set, (0, 0) for the other strategies."""
+    from dist_xqa.prepare import DISTILL_SET, phase1_jobs
+
+    if cfg.strategy.name == "lbmrc":
+        return len(phase1_jobs(cfg)), len(prepared.features(DISTILL_SET))
+    if cfg.strategy.name == "skd" and cfg.strategy.skd.coefficient != "none":  # its own logits, one teacher
+        from dist_xqa.roles.skd import TRAIN_SET
+
+        return 1, len(prepared.features(TRAIN_SET))
+    return 0, 0
+
+
+def check_precompute_budget(cfg, prepared) -> None:
+    """distill.precompute keeps every shard of D to the end (the reader evicts none): refuse
+    a run whose distill.disk_budget_gb cannot hold them, with the size it needs."""
+    from dist_xqa.config import ConfigError
+
+    kd = cfg.distill
+    if not kd.precompute:
+        return
+    teachers, features = store_size(cfg, prepared)
+    need = teachers * features * logit_row_bytes(cfg.model.max_length, kd.logits_dtype, kd.store_topk)
+    if need > kd.disk_budget_gb * 2**30:
+        raise ConfigError(f"distill.precompute keeps the logits of all of D: {teachers} teacher(s) x {features} "
+                          f"features take {_gb(need)}, over distill.disk_budget_gb = {kd.disk_budget_gb:g}: raise "
+                          f"distill.disk_budget_gb to at least {need / 2**30:.3g}, set distill.store_topk, or set "
+                          "distill.precompute: false (streamed)")
+
+
 def check_disk(cfg, prepared) -> DiskEstimate:
     """Estimate this run's peak disk use on the world of this rank (one rank outside
     torch.distributed) and raise ConfigError with the figures when the rest of it does
@@ -126,20 +157,14 @@ def check_disk(cfg, prepared) -> DiskEstimate:
     import torch.distributed as dist
 
     from dist_xqa.config import ConfigError
-    from dist_xqa.prepare import DISTILL_SET, phase1_jobs
+
+    from dist_xqa.prepare import phase1_jobs
 
     strategy = cfg.strategy.name
     jobs = phase1_jobs(cfg)
     trained = len(jobs) + (strategy in ("lbmrc", "skd", "xsta"))  # the student
     kd = cfg.distill
-    if strategy == "lbmrc":
-        store_teachers, store_features = len(jobs), len(prepared.features(DISTILL_SET))
-    elif strategy == "skd" and cfg.strategy.skd.coefficient != "none":  # its own logits, one teacher
-        from dist_xqa.roles.skd import TRAIN_SET
-
-        store_teachers, store_features = 1, len(prepared.features(TRAIN_SET))
-    else:
-        store_teachers, store_features = 0, 0
+    store_teachers, store_features = store_size(cfg, prepared)
     student = cfg.student
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     # a shard is one student step: the global batch (at most the whole world's micro-batches)

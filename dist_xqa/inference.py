@@ -1,5 +1,6 @@
 """Batched forward passes of a QA model over stored features: the one place where
-features become model inputs, shared by training, logit producers and evaluation."""
+features become model inputs (and span labels), shared by training, logit producers and
+evaluation."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -10,6 +11,7 @@ import torch
 from dist_xqa.monitor import progress
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+LABELS = ("answer_mask", "start_positions", "end_positions")
 
 
 def input_columns(features) -> list[str]:
@@ -20,6 +22,14 @@ def model_inputs(features, rows: Sequence[int], device: torch.device) -> dict[st
     """Model inputs for the given feature rows, as tensors on `device`."""
     batch = features.select_columns(input_columns(features))[list(rows)] if len(rows) else {}
     return {k: torch.as_tensor(np.asarray(v), dtype=torch.long, device=device) for k, v in batch.items()}
+
+
+def label_tensors(features, rows: list[int], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(mask [B, L] bool, start [B], end [B]) for feature rows."""
+    cols = features.select_columns(list(LABELS))[rows]
+    mask = torch.as_tensor(np.asarray(cols["answer_mask"]), device=device).bool()
+    return (mask, torch.as_tensor(cols["start_positions"], device=device),
+            torch.as_tensor(cols["end_positions"], device=device))
 
 
 @torch.no_grad()

@@ -16,15 +16,15 @@ from typing import Callable, TextIO
 
 from tqdm.auto import tqdm
 
-
-LOG_EVERY = 10  # optimizer steps between writes of per-step scalars (one host sync each)
+from dist_xqa.config import MonitorConfig
 
 
 class Monitor:
-    """Scalars under `<run>/tb/<role>/`; a no-op on ranks that do not write. `every`: the
-    logging interval of per-step scalars kept on the device (DeviceScalars)."""
+    """Scalars under `<run>/tb/<role>/`; a no-op on ranks that do not write. `every`
+    (`monitor.every`): the logging interval of per-step scalars kept on the device
+    (DeviceScalars) and of samples_per_second."""
 
-    def __init__(self, run_dir: Path, role: str, enabled: bool, every: int = LOG_EVERY):
+    def __init__(self, run_dir: Path, role: str, enabled: bool, every: int = MonitorConfig.every):
         self.every = every
         if enabled:
             from torch.utils.tensorboard import SummaryWriter  # heavy: only where it writes
@@ -42,10 +42,10 @@ class Monitor:
         for tag, value in values.items():
             self.scalar(tag, value, step)
 
-    def throughput(self, samples: int, step: int, every: int = 10) -> None:
+    def throughput(self, samples: int, step: int) -> None:
         """samples_per_second, averaged over the last `every` steps."""
         self._samples += samples
-        if step % every == 0:
+        if step % self.every == 0:
             now = time.perf_counter()
             self.scalar("samples_per_second", self._samples / max(now - self._last, 1e-9), step)
             self._last, self._samples = now, 0

@@ -17,6 +17,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dist_xqa import stages
 from dist_xqa.config import ConfigError, EvalSetConfig, RunConfig
 from dist_xqa.data import builders
 from dist_xqa.data.demo import DEMO_NOISE, ensure_demo_corpus
@@ -25,9 +26,9 @@ from dist_xqa.data.parallel import ParallelSet, load_parallel
 from dist_xqa.data.records import Answer, DataError, QAExample
 from dist_xqa.data.splits import proportional_split, split_parallel
 from dist_xqa.data.testsets import EvalCorpus, eval_files, read_eval_corpus
-from dist_xqa.disk import check_disk
 from dist_xqa.data.tokenizer import ensure_tokenizer
-from dist_xqa.logits.files import read_json, write_json
+from dist_xqa.disk import check_disk, check_precompute_budget
+from dist_xqa.files import read_json, write_json
 from dist_xqa.models import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -97,16 +98,6 @@ def needed_sets(cfg: RunConfig) -> list[str]:
         names += [DISTILL_SET, f"{DISTILL_SET}.dev"]
     names += {"skd": ["mixmrc", "mixmrc.dev"], "xsta": ["tt_union", "tt_union.dev"]}.get(cfg.strategy.name, [])
     return list(dict.fromkeys(names))  # "w/ mix" teachers share one set
-
-
-def _fingerprint(cfg: RunConfig) -> str:
-    data = asdict(cfg.data)
-    data.pop("test")  # test sets are prepared apart and never change what is trained
-    strategy = asdict(cfg.strategy)
-    for method in ("xsta", "skd"):  # their loss options do not change the prepared sets
-        strategy.pop(method, None)
-    relevant = {"data": data, "model": asdict(cfg.model), "strategy": strategy, "seed": cfg.seed}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class Prepared:
@@ -263,6 +254,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     prepared = _prepare_training(cfg)
     for spec in run_test_sets(cfg, prepared):
         _prepare_test_set(spec, prepared)
+    check_precompute_budget(cfg, prepared)
     if cfg.run.check_disk:  # before any training: a run that cannot fit its run_dir stops here
         check_disk(cfg, prepared)
     return prepared
@@ -271,7 +263,7 @@ def prepare(cfg: RunConfig) -> Prepared:
 def _prepare_training(cfg: RunConfig) -> Prepared:
     run_dir = cfg.run_path
     root = run_dir / "prepared"
-    fingerprint = _fingerprint(cfg)
+    fingerprint = stages.fingerprint(cfg, stages.PREPARED_KEYS)
     info_path = root / "prepared.json"
     if info_path.exists():
         info = json.loads(info_path.read_text())

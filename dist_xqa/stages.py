@@ -24,19 +24,28 @@ checkpoint.*, plan.*, eval.batch_size, the logit store's look-ahead and disk key
 recorded. The evaluation records only the decoding keys: changed or added test sets and
 X-STA's inference keys are rescored by the evaluator itself (`_is_current` in
 dist_xqa/roles/evaluator.py), without a redo.
+
+`--redo` may also name one phase-1 model (teacher_en, or en as under teachers/): it alone
+is removed and retrained, with every stage after phase 1. With a null
+teacher/student.global_batch_size a step's rows follow the group sizes of the role plan,
+so the training stages also record their effective batches (effective_batches), compared
+once the plan is made (batch_change). The prepared data (prepared/) carries the
+fingerprint of its own key selection, PREPARED_KEYS (fingerprint).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
 from dist_xqa.config import ConfigError, RunConfig
-from dist_xqa.logits.files import read_json, write_json
-from dist_xqa.logits.heartbeat import wait_for_run_files
+from dist_xqa.files import read_json, write_json
 from dist_xqa.logits.manifest import hash_checkpoint
+from dist_xqa.waiting import wait_for_run_files
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +57,7 @@ STUDENT_STRATEGIES = ("lbmrc", "skd", "xsta")
 
 # Never recorded: they change how a run goes, not what it computes.
 OPERATIONAL = ("name", "run_dir", "run", "checkpoint", "plan", "eval.batch_size", "distill.lookahead_shards",
-               "distill.store_mode", "distill.disk_budget_gb")
+               "distill.store_mode", "distill.disk_budget_gb", "distill.precompute")
 TRAINED_FROM = ("data", "model", "strategy", "seed", "eval")
 STAGE_KEYS = {
     "teachers": (TRAINED_FROM + ("teacher",), ("data.test", "strategy.xsta", "strategy.skd")),
@@ -57,10 +66,38 @@ STAGE_KEYS = {
                 ("data.test", "strategy.xsta.translate_test", "strategy.xsta.calibrate_at_inference")),
     "evaluate": (("eval.n_best", "eval.max_answer_length"), ()),
 }
+# What the prepared data (prepared/) is built from: the training stages' data, model,
+# strategy and seed, without the test sets (prepared apart) and the methods' loss options.
+PREPARED_KEYS = (("data", "model", "strategy", "seed"), ("data.test", "strategy.xsta", "strategy.skd"))
 
 
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def select(tree: dict[str, Any], wanted: tuple[str, ...], excluded: tuple[str, ...], prefix: str = "",
+           inside: bool = False) -> dict[str, Any]:
+    """The part of the nested mapping `tree` under the dotted keys `wanted` and not under
+    `excluded`, nested as in `tree`; `inside`: `prefix` is itself wanted."""
+    part = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if _under(dotted, excluded):
+            continue
+        keep = inside or _under(dotted, wanted)
+        if isinstance(value, dict) and value and any(k.startswith(dotted + ".") for k in wanted + excluded):
+            if chosen := select(value, wanted, excluded, dotted + ".", keep):
+                part[key] = chosen
+        elif keep:
+            part[key] = value
+    return part
+
+
+def fingerprint(cfg: RunConfig, keys: tuple[tuple[str, ...], tuple[str, ...]]) -> str:
+    """A short hash of the settings of `cfg` under `keys` ((wanted, excluded) dotted keys,
+    as in STAGE_KEYS and PREPARED_KEYS): equal exactly when those settings are."""
+    settings = select(dataclasses.asdict(cfg), *keys)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -86,8 +123,7 @@ def stage_settings(cfg: RunConfig, stage: str, phase1_weights: dict[str, str] | 
     distill, `phase1_weights` (phase-1 model name -> weight hash, or NOT_TRAINED) adds
     `weights.<name>`."""
     wanted, excluded = STAGE_KEYS[stage]
-    settings = {k: v for k, v in flatten(dataclasses.asdict(cfg)).items()
-                if _under(k, wanted) and not _under(k, excluded) and not _under(k, OPERATIONAL)}
+    settings = flatten(select(dataclasses.asdict(cfg), wanted, excluded + OPERATIONAL))
     if stage == "distill":
         settings.update({f"weights.{name}": h for name, h in (phase1_weights or {}).items()})
     return settings
@@ -138,7 +174,7 @@ def _phase1(cfg: RunConfig) -> dict[str, Path]:
     """Phase-1 model name -> its output directory. (The roles are imported here: the entry
     point loads the data pipeline only once the config is accepted.)"""
     from dist_xqa.prepare import phase1_jobs
-    from dist_xqa.roles.finetune import output_dir
+    from dist_xqa.roles.supervised import output_dir
 
     return {job.name: output_dir(cfg, job) for job in phase1_jobs(cfg)}
 
@@ -155,15 +191,19 @@ def record_path(cfg: RunConfig, stage: str) -> Path:
     return cfg.run_path / RECORD_DIR / f"{stage}.json"
 
 
+def model_outputs(cfg: RunConfig) -> dict[str, list[str]]:
+    """What training each phase-1 model produces, by its role name, as paths (globs)
+    relative to the run directory: the model, its checkpoints, heartbeats and TensorBoard log."""
+    return {role: [f"{d.parent.name}/{d.name}/", f"checkpoints/{role}/", f"heartbeats/{role}.*.json", f"tb/{role}/"]
+            for role, d in zip(_phase1_roles(cfg), _phase1(cfg).values())}
+
+
 def stage_outputs(cfg: RunConfig, stage: str) -> list[str]:
     """What `stage` produces, as paths (globs) relative to the run directory, its record last."""
-    if stage == "teachers":
-        roles = _phase1_roles(cfg)
-        models = {f"{d.parent.name}/{d.name}/" for d in _phase1(cfg).values()}
-        made = [*sorted(models), *(f"checkpoints/{r}/" for r in roles), *(f"heartbeats/{r}.*.json" for r in roles),
-                *(f"tb/{r}/" for r in roles)]
+    if stage == "teachers":  # the models first, then their checkpoints...
+        made = [path for kind in zip(*sorted(model_outputs(cfg).values())) for path in kind]
     elif stage == "distill":
-        made = ["student/", "checkpoints/student/", "logits/", "skd/", "heartbeats/student.*.json", "tb/student/"]
+        made = ["student/", "checkpoints/student/", "logits/", "skd/", "heartbeats/student.*.json", "tb/student/", "trace/"]
     else:
         made = ["eval/", "heartbeats/eval.*.json", "tb/eval/"]
     return made + [f"{RECORD_DIR}/{stage}.json"]
@@ -175,40 +215,62 @@ def phase1_weights(cfg: RunConfig) -> dict[str, str]:
             for name, d in _phase1(cfg).items()}
 
 
+def redo_targets(cfg: RunConfig, names: set[str]) -> tuple[set[str], list[str]]:
+    """(stages, phase-1 models by role name) that `--redo names` names: a stage, or one
+    phase-1 model by its role name (teacher_<lang>, model_<name>) or its directory name
+    under teachers/ or models/; ConfigError listing the valid names for any other."""
+    roles = dict(zip(_phase1_roles(cfg), _phase1(cfg)))  # role name -> directory name
+    models = {**{name: role for role, name in roles.items()}, **{role: role for role in roles}}
+    unknown = sorted(n for n in names if n not in STAGES and n not in models)
+    if unknown:
+        choices = f"a stage ({', '.join(STAGES)})"
+        if roles:
+            choices += (f" or a phase-1 model ({', '.join(roles)}, or by its directory: "
+                        f"{', '.join(str(d.relative_to(cfg.run_path)) for d in _phase1(cfg).values())})")
+        raise ConfigError(f"--redo {', '.join(unknown)}: not a stage or model of this run; choose {choices}")
+    return {n for n in names if n in STAGES}, sorted({models[n] for n in names if n not in STAGES})
+
+
 def check_rerun(cfg: RunConfig, redo: set[str]) -> None:
     """Rank 0, before data preparation: refuses (ConfigError) a rerun whose settings differ
     from a stage's record, unless `redo` covers that stage; removes what the stages to
     redo produced. A stale `prepared/` goes with the first training stage redone (built from the
-    data and model settings the training stages record)."""
+    data and model settings the training stages record). `redo` may name phase-1 models
+    (redo_targets): each is removed and retrained alone, and every stage after the
+    teachers is redone (the student learns from every teacher; the evaluation scores
+    every model); the teachers' record stays, so a changed teacher key still needs
+    `--redo teachers`."""
+    redo_stages, models = redo_targets(cfg, redo)
     names = stage_names(cfg, list(_phase1(cfg)))
-    recorded = {s: (read_json(record_path(cfg, s)) or {}).get("settings") for s in names}
+    recorded = {s: _config_settings((read_json(record_path(cfg, s)) or {}).get("settings")) for s in names}
     current = {s: stage_settings(cfg, s, phase1_weights(cfg) if s == "distill" and recorded[s] else None)
                for s in names}
     outputs = {s: stage_outputs(cfg, s) for s in names}
-    to_redo, refusal = decide(recorded, current, redo, outputs)
+    after_teachers = {STAGES[STAGES.index("teachers") + 1]} if models else set()
+    to_redo, refusal = decide(recorded, current, redo_stages | after_teachers, outputs)
     if refusal:
         raise ConfigError(f"{cfg.run_path}: {refusal}")
-    for stage in to_redo:
-        removed = [p for pattern in outputs[stage] for p in sorted(cfg.run_path.glob(pattern.rstrip("/")))]
-        if stage == to_redo[0] and stage != "evaluate" and _prepared_is_stale(cfg):
+    redone_models = {} if "teachers" in to_redo else {role: model_outputs(cfg)[role] for role in models}
+    for what, patterns in [*redone_models.items(), *((stage, outputs[stage]) for stage in to_redo)]:
+        removed = [p for pattern in patterns for p in sorted(cfg.run_path.glob(pattern.rstrip("/")))]
+        if what == to_redo[0] and what != "evaluate" and _prepared_is_stale(cfg):
             removed.append(cfg.run_path / "prepared")
         for path in removed:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        log.info("--redo %s: removed from %s: %s", stage, cfg.run_path,
+        log.info("--redo %s: removed from %s: %s", what, cfg.run_path,
                  ", ".join(str(p.relative_to(cfg.run_path)) for p in removed) or "nothing (not run yet)")
 
 
 def _prepared_is_stale(cfg: RunConfig) -> bool:
-    from dist_xqa.prepare import _fingerprint
-
     info = read_json(cfg.run_path / "prepared" / "prepared.json")
-    return info is not None and info["fingerprint"] != _fingerprint(cfg)
+    return info is not None and info["fingerprint"] != fingerprint(cfg, PREPARED_KEYS)
 
 
-def record(cfg: RunConfig, stage: str) -> None:
+def record(cfg: RunConfig, stage: str, batches: dict[str, int] | None = None) -> None:
     """Rank 0, as `stage` starts: writes its record unless it has one (check_rerun found
     it matching). The student's holds the phase-1 models' hashes, so call it for distill
-    once they are finished (wait_for_phase1)."""
+    once they are finished (wait_for_phase1). `batches`: the stage's effective batches
+    (effective_batches)."""
     path = record_path(cfg, stage)
     if path.exists():
         return
@@ -217,7 +279,60 @@ def record(cfg: RunConfig, stage: str) -> None:
         log.warning("%s has no record of its settings (made before records were kept): "
                     "taking this run's settings as its own", made[0])
     settings = stage_settings(cfg, stage, phase1_weights(cfg) if stage == "distill" else None)
-    write_json(path, {"stage": stage, "settings": settings})
+    write_json(path, {"stage": stage, "settings": {**settings, **_batch_settings(stage, batches or {})}})
+
+
+# --------------------------------------------------------------------------- effective batches
+
+BATCH_ROLES = {"teachers": "teacher", "distill": "student"}  # the config section of each stage's batch
+EFFECTIVE = " (null: rows per step of "  # marks the recorded effective batches among a record's keys
+
+
+def effective_batches(cfg: RunConfig, plan, student: bool) -> dict[str, dict[str, int]]:
+    """Per stage, the rows of one optimizer step of each training group of the role plan
+    `plan` whose role has no global batch (teacher.global_batch_size /
+    student.global_batch_size null): micro_batch_size x grad_accum x the group's ranks,
+    which a different number of ranks changes. `student`: whether the run trains a
+    student. Recorded with the stage (record) and compared by batch_change."""
+    roles = [("teachers", cfg.teacher, [group for round_ in plan.teacher_rounds for group in round_])]
+    if student:
+        roles.append(("distill", cfg.student, [plan.student]))
+    return {stage: {group.name: train.micro_batch_size * train.grad_accum * group.size for group in groups}
+            for stage, train, groups in roles if train.global_batch_size is None and groups}
+
+
+def _config_settings(recorded: dict | None) -> dict | None:
+    """A record's settings without its effective batches: those need the role plan, which
+    is made after check_rerun (batch_change compares them)."""
+    return None if recorded is None else {k: v for k, v in recorded.items() if EFFECTIVE not in k}
+
+
+def _batch_settings(stage: str, batches: dict[str, int]) -> dict[str, int]:
+    return {f"{BATCH_ROLES[stage]}.global_batch_size{EFFECTIVE}{group})": rows for group, rows in batches.items()}
+
+
+def _stage_finished(cfg: RunConfig, stage: str) -> bool:
+    models = list(_phase1(cfg).values()) if stage == "teachers" else [cfg.run_path / "student"]
+    return all((d / "DONE.json").exists() for d in models)
+
+
+def batch_change(cfg: RunConfig, batches: dict[str, dict[str, int]]) -> str | None:
+    """Rank 0, once the role plan is known: why this run's effective batches
+    (effective_batches) differ from those an unfinished stage was recorded with (a rerun
+    on another number of ranks), naming the keys and the --redo, as check_rerun does; None
+    when they match. A finished stage trains no more, and a record written before
+    effective batches were recorded has none to compare."""
+    names = stage_names(cfg, list(_phase1(cfg)))
+    recorded: dict[str, dict | None] = {s: None for s in names}
+    current: dict[str, dict] = {s: {} for s in names}
+    for stage, groups in batches.items():
+        made = {k: v for k, v in ((read_json(record_path(cfg, stage)) or {}).get("settings") or {}).items()
+                if EFFECTIVE in k}
+        if made and not _stage_finished(cfg, stage):
+            recorded[stage], current[stage] = made, _batch_settings(stage, groups)
+    _, refusal = decide(recorded, current, set(), {s: stage_outputs(cfg, s) for s in names})
+    return refusal and (f"{cfg.run_path}: {refusal}\nWith a null global_batch_size a step's rows change with "
+                        "the number of ranks: set teacher/student.global_batch_size to keep them on any.")
 
 
 def wait_for_phase1(cfg: RunConfig) -> None:

@@ -1,7 +1,7 @@
 """dist_xqa entry point: every rank of the world runs this file.
 
     deepspeed [--num_gpus N] dist_xqa/train.py --deepspeed ds_configs/zero2.json \
-        [--config configs/X.yaml] [--stage teachers|distill|evaluate|all] [--redo STAGE[,STAGE]]
+        [--config configs/X.yaml] [--stage teachers|distill|evaluate|all] [--redo NAME[,NAME]]
         [key=value ...]
 
 With no --config it runs the embedded default (the demo corpus and a tiny model). The
@@ -10,7 +10,8 @@ groups; phase 2 streams teacher logits through the sharded store into the studen
 every model is evaluated. A finished stage is not redone; an interrupted one resumes. A
 rerun whose settings differ from what a stage was made with stops and names the keys,
 unless --redo names that stage: then it and the stages after it are removed and redone
-(dist_xqa/stages.py).
+(dist_xqa/stages.py). --redo may also name one phase-1 model (teacher_en, or en as under
+<run>/teachers/): it alone is retrained, and the stages after phase 1 are redone.
 """
 from __future__ import annotations
 
@@ -42,20 +43,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="DeepSpeed JSON config (ZeRO stage, optimizer); precision is switched by the trainer")
     p.add_argument("--config", default=None, help="YAML run config (default: configs/demo.yaml, the embedded demo)")
     p.add_argument("--stage", choices=STAGES, default="all")
-    p.add_argument("--redo", type=_redo_stages, default=frozenset(), metavar="STAGE[,STAGE]",
+    p.add_argument("--redo", type=_redo_names, default=frozenset(), metavar="NAME[,NAME]",
                    help=f"remove and redo these stages ({', '.join(stages.STAGES)}) and the ones after them, "
-                        "e.g. after changing a setting they were made with")
+                        "e.g. after changing a setting they were made with; or phase-1 models (teacher_<lang>, "
+                        "model_<name>, or their directory names): those alone, and every stage after phase 1")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. student.epochs=2 run_dir=/tmp/r")
     return p.parse_intermixed_args(argv)  # options may follow key=value overrides
 
 
-def _redo_stages(text: str) -> frozenset[str]:
+def _redo_names(text: str) -> frozenset[str]:
+    """The names --redo gives; which are valid depends on the config (the phase-1 models):
+    stages.redo_targets checks them."""
     names = frozenset(name.strip() for name in text.split(",") if name.strip())
-    unknown = sorted(names - set(stages.STAGES))
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown stage(s) {unknown or [text]}; "
-                                         f"choose from {', '.join(stages.STAGES)}")
+    if not names:
+        raise argparse.ArgumentTypeError(f"--redo {text!r} names nothing; give stages ({', '.join(stages.STAGES)}) "
+                                         "or phase-1 models (teacher_<lang>, model_<name>)")
     return names
 
 
@@ -78,10 +81,10 @@ def run(cfg: RunConfig, ds_config: dict, stage: str, redo: frozenset[str] = froz
     from dist_xqa.distributed import init_distributed, make_groups
     from dist_xqa.prepare import DISTILL_SET, phase1_jobs, prepare, Prepared
     from dist_xqa.roles.evaluator import evaluate_all
-    from dist_xqa.roles.finetune import output_dir, train_job
+    from dist_xqa.roles.phase2 import run_phase2
     from dist_xqa.roles.plan import plan_roles
     from dist_xqa.roles.skd import run_skd
-    from dist_xqa.roles.student import run_phase2
+    from dist_xqa.roles.supervised import output_dir, train_job
     from dist_xqa.roles.xsta import run_xsta
 
     # Rank 0 prepares the data while the others wait in the first collective: the process
@@ -115,24 +118,34 @@ def run(cfg: RunConfig, ds_config: dict, stage: str, redo: frozenset[str] = froz
     plan = plan_roles(world, {job.name: len(prepared.features(job.train_set)) * cfg.teacher.epochs for job in jobs},
                       student_min_ranks=cfg.plan.student_min_ranks, producer_speed_ratio=cfg.plan.producer_speed_ratio,
                       producers="shared" if strategy in ("skd", "xsta") else cfg.plan.producers,
+                      teacher_schedule=cfg.plan.teacher_schedule,
+                      teacher_global_batch=cfg.teacher.global_batch_size,
+                      student_global_batch=cfg.student.global_batch_size,
                       distill_work=(len(prepared.features(DISTILL_SET)) * cfg.student.epochs
                                     if strategy == "lbmrc" else None))
     if batch_error := _batch_error(cfg, plan, student):  # every rank has the same plan: all stop
         raise SystemExit(f"dist_xqa: configuration error: {batch_error}")
+    # Without a global batch a step's rows follow the group sizes: an unfinished stage
+    # made on another number of ranks is refused like a changed key (rank 0 reads the records).
+    batches = stages.effective_batches(cfg, plan, student)
+    error = [stages.batch_change(cfg, batches) if rank == 0 else None]
+    dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise SystemExit(f"dist_xqa: ConfigError: {error[0]}")
     groups = make_groups(plan, timeout=timedelta(seconds=cfg.run.stall_timeout_s))
     if rank == 0:
         log.info("role plan:\n%s", plan.describe())
 
     if stage in ("teachers", "all"):
         if rank == 0 and jobs:
-            stages.record(cfg, "teachers")
+            stages.record(cfg, "teachers", batches.get("teachers"))
         by_name = {job.name: job for job in jobs}
         for group in plan.teacher_groups_for(rank):  # one per round, in round order
             train_job(by_name[group.teacher], cfg, prepared, ds_config, groups[group.name], device)
     if student and stage in ("distill", "all"):
         if rank == 0:  # the student's record holds its phase-1 models' hashes
             stages.wait_for_phase1(cfg)
-            stages.record(cfg, "distill")
+            stages.record(cfg, "distill", batches.get("distill"))
         phase2 = {"lbmrc": run_phase2, "skd": run_skd, "xsta": run_xsta}[strategy]
         phase2(cfg, prepared, ds_config, plan, groups, device)
     if stage in ("evaluate", "all"):
@@ -174,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, ValueError) as err:
         raise SystemExit(f"dist_xqa: configuration error: {err}") from None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from dist_xqa.logits.heartbeat import Preempted, install_stop_signal
+    from dist_xqa.waiting import Preempted, install_stop_signal
 
     # Slurm's USR1 before the time limit (slurm/train_lbmrc.sh): training groups checkpoint
     # and every rank exits 0 (srun --kill-on-bad-exit would cut the others' checkpoints

@@ -19,9 +19,9 @@ import torch
 from dist_worker import batch, new_engine
 from dist_xqa.config import CheckpointConfig
 from dist_xqa.distributed import init_distributed, load_ds_config, make_groups, release_engine
-from dist_xqa.logits.heartbeat import Heartbeat, Preempted, install_stop_signal, role_heartbeat
 from dist_xqa.roles.loop import GroupLoop
 from dist_xqa.roles.plan import plan_roles
+from dist_xqa.waiting import Heartbeat, Preempted, install_stop_signal, role_heartbeat
 
 
 def main() -> None:

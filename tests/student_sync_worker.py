@@ -18,11 +18,11 @@ from transformers import BertConfig, BertForQuestionAnswering
 from dist_xqa.config import CheckpointConfig, DistillConfig
 from dist_xqa.distributed import build_engine, init_distributed, load_ds_config, make_groups, release_engine
 from dist_xqa.logits import ShardPlan, StoreReader
-from dist_xqa.logits.heartbeat import Heartbeat
 from dist_xqa.monitor import Monitor
 from dist_xqa.roles.loop import STOP_CHECK_EVERY, GroupLoop
 from dist_xqa.roles.plan import plan_roles
 from dist_xqa.roles.student import (ShardBatches, StudentInputs, StudentScalars, StudentTrainStep, kd_options)
+from dist_xqa.waiting import Heartbeat
 from test_logit_store import SEQ_LEN, TEACHERS, make_manifest
 from test_student_inputs import LANGS, fill_store, logged, toy_features
 

@@ -760,3 +760,21 @@ def test_weights_zero_only_for_teachers_left_out_are_accepted():
     assert "distill.weights" in message and "all zero" in message
     cfg = load_config(None, ["distill.aggregation=hyper", "distill.weights={en: 0, es: 1, de: 0}"])
     assert cfg.distill.weights["es"] == 1.0
+
+
+def test_monitor_interval_and_loader_workers_are_validated_keys():
+    import torch
+
+    from dist_xqa.roles.student import loader_workers
+
+    cfg = load_config()
+    assert (cfg.monitor.every, cfg.run.loader_workers) == (10, "auto")
+    cfg = load_config(None, ["monitor.every=3", "run.loader_workers=4"])
+    assert (cfg.monitor.every, cfg.run.loader_workers) == (3, 4)
+    assert "monitor.every must be at least 1" in refused(["monitor.every=0"])
+    for bad in ("-1", "many"):
+        assert "run.loader_workers must be auto or a number" in refused([f"run.loader_workers={bad}"])
+    assert "'run.loader_workers' must be int or str" in refused(["run.loader_workers=true"])
+    # auto: workers beside a GPU's training process, none on CPU (the read-ahead thread)
+    assert loader_workers(torch.device("cpu")) == 0 and loader_workers(torch.device("cuda")) == 2
+    assert loader_workers(torch.device("cpu"), 3) == 3 and loader_workers(torch.device("cuda"), 0) == 0

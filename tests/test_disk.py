@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from dist_xqa.config import ConfigError, load_config
-from dist_xqa.disk import (CHECKPOINT_BYTES_PER_PARAM, MODEL_BYTES_PER_PARAM, check_disk, count_parameters,
-                           directory_bytes, estimate_peak, logit_row_bytes)
+from dist_xqa.disk import (CHECKPOINT_BYTES_PER_PARAM, MODEL_BYTES_PER_PARAM, check_disk, check_precompute_budget,
+                           count_parameters, directory_bytes, estimate_peak, logit_row_bytes, store_size)
 from dist_xqa.logits.shards import compress_topk, write_shard
 from dist_xqa.models import build_model
 from dist_xqa.prepare import Prepared, prepare
@@ -107,6 +107,20 @@ def test_a_run_that_cannot_fit_is_refused_with_the_figures(run_dir):
     # the key skips the check
     prepare(load_config(None, [*QUICK, f"run_dir={run_dir}", f"checkpoint.keep={free // 10**5}",
                                "run.check_disk=false"]))
+
+
+def test_precompute_needs_a_budget_that_holds_all_of_D(run_dir):
+    prepared = Prepared(run_dir)
+    teachers, features = store_size(load_config(None, [*QUICK, f"run_dir={run_dir}"]), prepared)
+    base = [*QUICK, f"run_dir={run_dir}", "distill.precompute=true", "distill.store_mode=cache"]
+    cfg = load_config(None, base)
+    need = teachers * features * logit_row_bytes(cfg.model.max_length, "float16", None)
+    check_precompute_budget(load_config(None, base + [f"distill.disk_budget_gb={need / GIB}"]), prepared)  # fits
+    with pytest.raises(ConfigError, match=r"distill\.precompute keeps the logits of all of D: 3 teacher\(s\) x "
+                                          rf"{features} features .* raise distill\.disk_budget_gb to at least"):
+        check_precompute_budget(load_config(None, base + [f"distill.disk_budget_gb={need * 0.99 / GIB}"]), prepared)
+    check_precompute_budget(load_config(None, [*QUICK, f"run_dir={run_dir}", "distill.store_mode=cache",
+                                               "distill.disk_budget_gb=0.000001"]), prepared)  # streamed: no check
 
 
 def test_parameters_are_counted_on_the_meta_device_without_touching_the_rng(run_dir):

@@ -90,3 +90,55 @@ def test_the_student_group_is_checked_only_for_strategies_with_a_student():
     assert f"student.global_batch_size {odd} does not split over the {size} ranks of group student" in \
         train._batch_error(cfg, plan, student=True)
     assert train._batch_error(cfg, plan, student=False) is None
+
+
+def test_a_rerun_on_another_number_of_ranks_without_a_global_batch_is_refused_naming_the_batch(tmp_path):
+    """With null global batch sizes a step's rows are micro x accum x the group's ranks:
+    the stage records hold them (real record files), and a rerun whose role plan changes
+    them is refused for every stage not yet finished, naming the key and the --redo."""
+    import json
+
+    from dist_xqa import stages
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", "teacher.grad_accum=2"])
+    assert cfg.teacher.global_batch_size is None and cfg.student.global_batch_size is None
+    on_four, on_two = plan_roles(4, ["en", "es", "de"]), plan_roles(2, ["en", "es", "de"])
+    sizes4 = {g.name: g.size for r in on_four.teacher_rounds for g in r}
+    sizes2 = {g.name: g.size for r in on_two.teacher_rounds for g in r}
+    assert sizes4["teacher/en"] != sizes2["teacher/en"] and on_four.student.size != on_two.student.size
+    made = stages.effective_batches(cfg, on_four, student=True)
+    assert made == {"teachers": {name: 16 * 2 * size for name, size in sizes4.items()},
+                    "distill": {"student": 16 * on_four.student.size}}
+    stages.record(cfg, "teachers", made["teachers"])
+    stages.record(cfg, "distill", made["distill"])
+    record = json.loads((tmp_path / "stages" / "teachers.json").read_text())["settings"]
+    assert record["teacher.global_batch_size (null: rows per step of teacher/en)"] == 32 * sizes4["teacher/en"]
+
+    stages.check_rerun(cfg, set())  # the settings known before the plan still match
+    assert stages.batch_change(cfg, made) is None, "the same ranks: the same batches"
+    refusal = stages.batch_change(cfg, stages.effective_batches(cfg, on_two, student=True))
+    assert (f"  teachers: teacher.global_batch_size (null: rows per step of teacher/en): "
+            f"{32 * sizes4['teacher/en']} -> {32 * sizes2['teacher/en']}\n") in refusal
+    assert "--redo teachers to remove" in refusal and "set teacher/student.global_batch_size" in refusal
+
+    for lang in ("en", "es", "de"):  # phase 1 finished: its batches are history
+        (tmp_path / "teachers" / lang).mkdir(parents=True)
+        (tmp_path / "teachers" / lang / "DONE.json").write_text("{}")
+    refusal = stages.batch_change(cfg, stages.effective_batches(cfg, on_two, student=True))
+    assert "teachers:" not in refusal and "--redo distill to remove" in refusal
+    assert (f"  distill: student.global_batch_size (null: rows per step of student): "
+            f"{16 * on_four.student.size} -> {16 * on_two.student.size}\n") in refusal
+
+    fixed = load_config(None, [f"run_dir={tmp_path}", "teacher.grad_accum=2", "student.global_batch_size=16"])
+    assert stages.effective_batches(fixed, on_two, student=True) == {
+        "teachers": {name: 32 * size for name, size in sizes2.items()}}, "a set global batch is a key of its own"
+    assert stages.effective_batches(cfg, on_two, student=False).keys() == {"teachers"}
+
+
+def test_records_made_before_effective_batches_are_not_compared(tmp_path):
+    from dist_xqa import stages
+
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    stages.record(cfg, "teachers")
+    stages.record(cfg, "distill")
+    assert stages.batch_change(cfg, stages.effective_batches(cfg, plan_roles(2, ["en", "es", "de"]), True)) is None

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_xqa.distributed import first_slurm_host, launcher_env, load_ds_config, resolve_ds_config
+from dist_xqa.distributed import first_slurm_host, launcher_env, load_ds_config, rank_threads, resolve_ds_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
@@ -152,6 +152,20 @@ def test_no_launcher_is_a_world_of_one():
 ])
 def test_first_slurm_host(nodelist, host):
     assert first_slurm_host(nodelist) == host
+
+
+@pytest.mark.parametrize("env, cores, threads", [
+    ({}, 2, 2),  # no launcher: one rank has the node
+    ({"LOCAL_SIZE": "2"}, 2, 1),  # deepspeed launcher: 2 ranks on 2 cores
+    ({"LOCAL_WORLD_SIZE": "4"}, 16, 4),  # torchrun
+    ({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, 16, 5),  # mpirun: the remainder stays idle
+    ({"SLURM_NTASKS_PER_NODE": "2(x3)"}, 8, 4),  # srun, 2 tasks on each of 3 nodes
+    ({"LOCAL_SIZE": "8"}, 2, 1),  # more ranks than cores: never below one
+    ({"SLURM_PROCID": "0", "SLURM_CPUS_PER_TASK": "6", "SLURM_NTASKS_PER_NODE": "4"}, 6, 6),  # Slurm narrowed it
+    ({"OMP_NUM_THREADS": "3", "LOCAL_SIZE": "2"}, 2, None),  # the user's choice is kept
+])
+def test_each_rank_gets_its_share_of_the_node_cores(env, cores, threads):
+    assert rank_threads(env, cores) == threads
 
 
 # --- real worlds --------------------------------------------------------------------------

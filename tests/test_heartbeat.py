@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from dist_xqa.logits import Producer, ShardPlan, StoreReader
-from dist_xqa.logits.heartbeat import (FAILED, FINISHED, Heartbeat, Preempted, StallWatch, Stalled,
-                                       install_stop_signal, read_beat, role_heartbeat, wait_for_run_files)
 from dist_xqa.logits.progress import StudentProgress, heartbeat_path, write_progress
+from dist_xqa.waiting import (FAILED, FINISHED, Heartbeat, Preempted, StallWatch, Stalled,
+                              install_stop_signal, read_beat, role_heartbeat, wait_for_run_files)
 from test_logit_store import make_manifest, toy_logits
 
 CTX = multiprocessing.get_context("spawn")

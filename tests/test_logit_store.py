@@ -29,9 +29,9 @@ from dist_xqa.logits import (
     shard_path,
     write_shard,
 )
-from dist_xqa.logits.heartbeat import Heartbeat
 from dist_xqa.logits.progress import heartbeat_path, producer_role
 from dist_xqa.logits.shards import list_shards
+from dist_xqa.waiting import Heartbeat
 
 SEQ_LEN = 8
 TEACHERS = ("en", "es", "de")

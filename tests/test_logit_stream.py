@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from dist_xqa.logits import Producer, ShardPlan, StoreReader
-from dist_xqa.logits.heartbeat import FINISHED, Heartbeat
 from dist_xqa.logits.shards import list_shards
+from dist_xqa.waiting import FINISHED, Heartbeat
 from test_logit_store import TEACHERS, make_manifest, needed_shards, toy_logits
 
 EPOCHS = 2

@@ -14,6 +14,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,16 +39,18 @@ def cpu_env() -> dict[str, str]:
             "MASTER_PORT": str(free_port())}
 
 
-def train_command(run_dir: Path, *overrides: str) -> tuple[list[str], dict[str, str]]:
-    """The README's main-job command on 2 CPU ranks, into `run_dir`."""
-    env = cpu_env()
-    command = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", env["MASTER_PORT"],
+def train_command(run_dir: Path, *overrides: str, ranks: int = 2,
+                  env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The README's main-job command on `ranks` CPU ranks, into `run_dir`; `env`: variables
+    to add to the job's environment."""
+    env = {**cpu_env(), **(env or {})}
+    command = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", env["MASTER_PORT"],
                "dist_xqa/train.py", "--deepspeed", "ds_configs/zero2.json", f"run_dir={run_dir}", *overrides]
     return command, env
 
 
-def launch(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command, env = train_command(run_dir, *overrides)
+def launch(run_dir: Path, *overrides: str, ranks: int = 2, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    command, env = train_command(run_dir, *overrides, ranks=ranks, env=env)
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     return result
@@ -160,33 +164,58 @@ def test_every_strategy_runs_and_is_evaluated(tmp_path, overrides, models):
         assert sorted(manifest["teachers"]) == sorted(m[len("teacher_"):] for m in models if m != "student")
 
 
+def interrupt_job(run_dir: Path, *overrides: str, when: Callable[[], bool], kill: Callable[[subprocess.Popen], None],
+                  ranks: int = 2, env: dict[str, str] | None = None, timeout: float = 900) -> int:
+    """Starts the README's command into `run_dir`, calls `kill(job)` as soon as `when()`
+    holds and returns the job's exit code once it has ended; whatever is left of it then
+    gets SIGKILL (its process group)."""
+    command, env = train_command(run_dir, *overrides, ranks=ranks, env=env)
+    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (ready := when()) and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if ready:
+            kill(job)
+        code = job.wait(timeout=300)  # a rank's death ends the others: the launcher stops them
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the job may have ended on its own
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    assert ready, f"the moment to kill {run_dir}'s job never came (job exit code {job.returncode})"
+    return code
+
+
 def kill_job_when(path: Path, run_dir: Path, *overrides: str, timeout: float = 900) -> None:
     """Starts the README's command into `run_dir` and kills the whole job (every rank, no
     clean-up: SIGKILL to its process group) as soon as `path` exists."""
-    command, env = train_command(run_dir, *overrides)
-    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while not path.exists() and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):  # the job may have ended on its own
-        os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
-    assert path.exists(), f"{path} never appeared (job exit code {job.returncode})"
+    interrupt_job(run_dir, *overrides, when=path.exists, kill=lambda job: os.killpg(job.pid, signal.SIGKILL),
+                  timeout=timeout)
 
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_its_latest_checkpoint(tmp_path):
     """The whole job is killed (every rank, no clean-up) once the student has saved a
-    checkpoint; the same command then resumes the student from it and finishes."""
+    checkpoint; the same command then resumes the student from it and finishes. The
+    student's step trace shows where each rank resumed and that the shards it read after
+    resuming were the rest of the epoch's order: every feature of D trained on exactly once
+    per epoch (step for step against an uninterrupted run: tests/test_crash_drills.py)."""
+    from dist_xqa.prepare import DISTILL_SET, Prepared
+    from dist_xqa.roles.trace import features_read, read_trace, trace_path
+
     run_dir = tmp_path / "run"
-    overrides = (*QUICK, "student.epochs=2", "checkpoint.every=3")
+    overrides = (*QUICK, "student.epochs=2", "checkpoint.every=3", "run.trace_steps=true")
     kill_job_when(run_dir / "checkpoints" / "student" / "latest", run_dir, *overrides)
     assert not (run_dir / "student" / "DONE.json").exists(), "killed too late: the student had finished"
 
     launch(run_dir, *overrides)
+    for rank in range(2):  # resumed at the checkpoint: neither from scratch nor past the last step taken
+        (_, killed), (_, resumed) = read_trace(trace_path(run_dir, rank))
+        assert 0 < resumed[0]["step"] <= killed[-1]["step"] + 1, (rank, resumed[0]["step"], killed[-1]["step"])
+    features = Counter(int(f) for f in Prepared(run_dir).features(DISTILL_SET)["feature_id"])
+    assert features_read(run_dir) == {0: features, 1: features}
     log = (run_dir / "logs" / "rank0.log").read_text()
-    assert "student: resumed from" in log
     assert all(f"{lang}: resumed" not in log for lang in LANGUAGES), "finished teachers are not retrained"
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     assert json.loads((run_dir / "student" / "DONE.json").read_text())["epochs"] == 2

@@ -292,3 +292,48 @@ def test_plan_key_defaults_are_the_plans():
     plan = load_config(None, []).plan
     assert (plan.student_min_ranks, plan.producers) == (1, "auto")
     assert plan.producer_speed_ratio == DEFAULT_PRODUCER_SPEED_RATIO
+
+
+def fastest_dividing_round(world_size, work, global_batch):
+    """Brute force, independent of the planner: the smallest round time max(work / size)
+    over every way to give all the ranks to the groups in sizes that divide the global
+    batch; None when there is none."""
+    divisors = [d for d in range(1, world_size + 1) if global_batch % d == 0]
+    times = [max(w / s for w, s in zip(work, sizes)) for sizes in itertools.product(divisors, repeat=len(work))
+             if sum(sizes) == world_size]
+    return min(times, default=None)
+
+
+@pytest.mark.parametrize("global_batch", [4, 6, 9, 12, 30, 32])
+@pytest.mark.parametrize("world_size", range(3, 13))
+def test_teacher_groups_divide_the_global_batch_where_the_ranks_allow(world_size, global_batch):
+    work = {"en": 1.0, "es": 2.0, "de": 2.0}  # the source teacher has half the others' work
+    plan = plan_roles(world_size, work, teacher_global_batch=global_batch)
+    assert len(plan.teacher_rounds) == 1
+    assert sorted(r for g in plan.teacher_rounds[0] for r in g.ranks) == list(range(world_size)), "every rank busy"
+    free = plan_roles(world_size, work)
+    sizes = [g.size for g in plan.teacher_rounds[0]]
+    best = fastest_dividing_round(world_size, list(work.values()), global_batch)
+    if all(global_batch % g.size == 0 for g in free.teacher_rounds[0]):
+        assert plan == free, "sizes that already divide the global batch are kept"
+    elif best is None:
+        assert plan == free, "no dividing sizes: the proportional plan (refused at start-up, naming the group)"
+    else:
+        assert all(global_batch % n == 0 for n in sizes), sizes
+        assert plan.estimate.round_times[0] == pytest.approx(best), "the fastest of the dividing plans"
+        assert max(w / n for w, n in zip(work.values(), sizes)) == pytest.approx(best)
+
+
+def test_a_plan_the_global_batch_splits_over_is_chosen_instead_of_being_refused():
+    from dist_xqa import train
+
+    cfg = load_config(None, ["teacher.global_batch_size=12", "student.global_batch_size=4"])
+    work = {"en": 1.0, "es": 2.0, "de": 2.0}
+    free = plan_roles(12, work)
+    assert [g.size for g in free.teacher_rounds[0]] == [3, 5, 4] and free.student.size == 6
+    assert "does not split over the 5 ranks of group teacher/es" in train._batch_error(cfg, free, student=True)
+    plan = plan_roles(12, work, teacher_global_batch=12, student_global_batch=4)
+    assert [g.size for g in plan.teacher_rounds[0]] == [2, 4, 6]
+    assert plan.estimate.round_times == free.estimate.round_times == (0.5,), "as fast: the slowest group 2 / 4"
+    assert plan.student.size == 4, "the largest dedicated student of a size dividing 4"
+    assert train._batch_error(cfg, plan, student=True) is None

@@ -138,7 +138,7 @@ def fake_run(run_dir: Path) -> dict[Path, str]:
     for path in ("student/model.safetensors", "student/DONE.json", "checkpoints/student/latest",
                  "logits/manifest.json", "skd/teacher_gen0/config.json", "eval/student.json",
                  "heartbeats/student.0.json", "heartbeats/teacher_en.0.json", "tb/student/events.out.tfevents.1",
-                 "tb/teacher_en/events.out.tfevents.1", "tb/eval/events.out.tfevents.1"):
+                 "tb/teacher_en/events.out.tfevents.1", "tb/eval/events.out.tfevents.1", "trace/student.0.jsonl"):
         (run_dir / path).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / path).write_text(path)
     stages.record(cfg, "distill")
@@ -163,26 +163,47 @@ def test_check_rerun_refuses_then_redo_removes_exactly_the_student_and_what_foll
     assert gone == ["checkpoints/student/latest", "eval/student.json", "heartbeats/student.0.json",
                     "logits/manifest.json", "skd/teacher_gen0/config.json", "stages/distill.json",
                     "stages/evaluate.json", "student/DONE.json", "student/model.safetensors",
-                    "tb/eval/events.out.tfevents.1", "tb/student/events.out.tfevents.1"]
+                    "tb/eval/events.out.tfevents.1", "tb/student/events.out.tfevents.1", "trace/student.0.jsonl"]
     assert all(hashlib.sha256(p.read_bytes()).hexdigest() == h for p, h in kept.items())
     stages.check_rerun(changed, set())  # the teachers' record still matches: nothing left to refuse
 
 
 @pytest.mark.parametrize("change,prepared_kept", [("teacher.lr=1e-4", True), ("data.demo_articles=30", False)])
 def test_redoing_the_teachers_removes_every_stage_and_a_stale_data_preparation(tmp_path, change, prepared_kept):
-    from dist_xqa.prepare import _fingerprint
-
     run_dir = tmp_path / "run"
     files = fake_run(run_dir)
     cfg = load_config(None, [f"run_dir={run_dir}"])
     (run_dir / "prepared").mkdir()
-    (run_dir / "prepared" / "prepared.json").write_text(json.dumps({"fingerprint": _fingerprint(cfg)}))
+    (run_dir / "prepared" / "prepared.json").write_text(json.dumps({"fingerprint": stages.fingerprint(cfg, stages.PREPARED_KEYS)}))
     changed = load_config(None, [f"run_dir={run_dir}", change])
     with pytest.raises(ConfigError, match=f"  teachers: {change.split('=')[0]}"):
         stages.check_rerun(changed, {"distill"})
     stages.check_rerun(changed, {"teachers"})
     assert not any(p.exists() for p in files), "the teachers and every stage after them"
     assert (run_dir / "prepared").exists() == prepared_kept
+
+
+def test_the_prepared_data_fingerprint_hashes_exactly_its_key_selection():
+    """The data preparation's fingerprint (stages.PREPARED_KEYS through stages.fingerprint)
+    is the hash of the data (without its test sets), model, strategy (without the
+    methods' loss options) and seed, as written in the prepared.json of existing runs."""
+    import dataclasses
+
+    cfg = load_config(SKD)
+    tree = dataclasses.asdict(cfg)
+    relevant = {"data": {k: v for k, v in tree["data"].items() if k != "test"}, "model": tree["model"],
+                "strategy": {k: v for k, v in tree["strategy"].items() if k not in ("xsta", "skd")},
+                "seed": tree["seed"]}
+    expected = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    assert stages.fingerprint(cfg, stages.PREPARED_KEYS) == expected
+
+    def changes(override: str) -> bool:
+        return stages.fingerprint(load_config(SKD, [override]), stages.PREPARED_KEYS) != expected
+
+    assert changes("data.demo_articles=30") and changes("seed=3") and changes("model.tiny.num_hidden_layers=1")
+    assert changes("strategy.teachers=[en,es]")
+    assert not any(changes(o) for o in ("data.test=[{name: extra, folder: /x, languages: [en]}]",
+                                        "strategy.skd.alpha_kl=2.0", "teacher.lr=1e-4", "eval.n_best=5"))
 
 
 def test_a_store_of_another_run_names_the_redo_that_resets_it(tmp_path):
@@ -192,11 +213,52 @@ def test_a_store_of_another_run_names_the_redo_that_resets_it(tmp_path):
         prepare_store(tmp_path, Manifest.for_plan(plan, "tok", {"en": "two"}))
 
 
-def test_redo_takes_stage_names():
+def test_redo_takes_stage_and_model_names_and_refuses_others_listing_the_valid_ones(tmp_path):
     assert train.parse_args(["--redo", "distill,evaluate"]).redo == {"distill", "evaluate"}
+    assert train.parse_args(["--redo", "teacher_en, de"]).redo == {"teacher_en", "de"}
     assert train.parse_args([]).redo == set()
     with pytest.raises(SystemExit):
-        train.parse_args(["--redo", "student"])
+        train.parse_args(["--redo", ","])
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    assert stages.redo_targets(cfg, {"distill", "teacher_en", "de"}) == ({"distill"}, ["teacher_de", "teacher_en"])
+    with pytest.raises(ConfigError) as refused:
+        stages.redo_targets(cfg, {"student", "teacher_fr", "teacher_en"})
+    assert str(refused.value) == ("--redo student, teacher_fr: not a stage or model of this run; choose a stage "
+                                  "(teachers, distill, evaluate) or a phase-1 model (teacher_en, teacher_es, "
+                                  "teacher_de, or by its directory: teachers/en, teachers/es, teachers/de)")
+    baseline = load_config(None, [f"run_dir={tmp_path}", "strategy.name=mixmrc"])
+    assert stages.redo_targets(baseline, {"model_mixmrc"}) == (set(), ["model_mixmrc"])
+    with pytest.raises(ConfigError, match="model_mixmrc, or by its directory: models/mixmrc"):
+        stages.redo_targets(baseline, {"teacher_en"})
+
+
+@pytest.mark.parametrize("name", ["teacher_es", "es"])
+def test_redoing_one_teacher_removes_it_and_every_later_stage_and_keeps_the_other_teachers(tmp_path, name):
+    run_dir = tmp_path / "run"
+    for path in ("heartbeats/teacher_es.0.json", "heartbeats/teacher_es.1.json", "tb/teacher_es/events.out.1"):
+        (run_dir / path).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / path).write_text(path)
+    files = fake_run(run_dir)
+    cfg = load_config(None, [f"run_dir={run_dir}"])
+    stages.check_rerun(cfg, {name})
+    kept = {p: h for p, h in files.items() if p.exists()}
+    gone = sorted(str(p.relative_to(run_dir)) for p in set(files) - set(kept))
+    assert gone == ["checkpoints/student/latest", "checkpoints/teacher_es/latest", "eval/student.json",
+                    "heartbeats/student.0.json", "heartbeats/teacher_es.0.json", "heartbeats/teacher_es.1.json",
+                    "logits/manifest.json", "skd/teacher_gen0/config.json", "stages/distill.json",
+                    "stages/evaluate.json", "student/DONE.json", "student/model.safetensors",
+                    "tb/eval/events.out.tfevents.1", "tb/student/events.out.tfevents.1", "tb/teacher_es/events.out.1",
+                    "teachers/es/DONE.json", "teachers/es/model.safetensors", "trace/student.0.jsonl"]
+    assert all(hashlib.sha256(p.read_bytes()).hexdigest() == h for p, h in kept.items())
+    assert (run_dir / "stages" / "teachers.json").exists(), "the other teachers' settings stay recorded"
+
+
+def test_redoing_one_teacher_does_not_cover_a_changed_teacher_key(tmp_path):
+    run_dir = tmp_path / "run"
+    files = fake_run(run_dir)
+    with pytest.raises(ConfigError, match=r"teachers: teacher\.lr: (.|\n)*--redo teachers to remove"):
+        stages.check_rerun(load_config(None, [f"run_dir={run_dir}", "teacher.lr=1e-4"]), {"teacher_es"})
+    assert all(p.exists() for p in files), "a refusal removes nothing"
 
 
 # --------------------------------------------------------------------------- real runs

@@ -18,13 +18,12 @@ import pytest
 import torch
 from datasets import Dataset
 
-from dist_xqa.inference import model_inputs
+from dist_xqa.inference import label_tensors, model_inputs
 from dist_xqa.logits import Producer, ShardPlan, StoreReader
 from dist_xqa.logits.order import rank_rows
 from dist_xqa.logits.progress import StoreTimeout
 from dist_xqa.logits.reader import ReadAhead
 from dist_xqa.monitor import DeviceScalars, Monitor
-from dist_xqa.roles.finetune import label_tensors
 from dist_xqa.roles.student import ShardBatches, StudentInputs, micro_batch_plan
 from test_logit_store import SEQ_LEN, TEACHERS, make_manifest, toy_logits
 

@@ -77,7 +77,7 @@ def test_ensure_tokenizer_trains_once(tmp_path):
 
 def test_a_teacher_saved_with_another_tokenizer_is_refused(tmp_path):
     from dist_xqa.data.features import TokenizerSettings
-    from dist_xqa.roles.student import check_teacher_tokenizers
+    from dist_xqa.roles.producer import check_teacher_tokenizers
 
     train_tokenizer(["the cat sat on the mat"] * 5, tmp_path / "same")
     train_tokenizer(["ein Hund lief durch den Park"] * 5, tmp_path / "other")

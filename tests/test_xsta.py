@@ -431,8 +431,7 @@ def hand_translate_test(module, features, source_lang: str) -> tuple[np.ndarray,
     id has a source-language (q = p = source) feature reads that example's window
     min(w, last), log((p_T|S + softmax(z_T)) / 2) over the valid positions; any other
     feature its QA model's logits (p_T)."""
-    from dist_xqa.inference import model_inputs
-    from dist_xqa.roles.finetune import label_tensors
+    from dist_xqa.inference import label_tensors, model_inputs
 
     rows = features.select_columns(["example_id", "question_lang", "context_lang", "window"])[:]
     keys = list(zip(rows["example_id"], rows["question_lang"], rows["context_lang"]))

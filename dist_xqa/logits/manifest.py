@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dist_xqa.logits.files import read_json, write_json
+from dist_xqa.files import read_json, write_json
 from dist_xqa.logits.order import ShardPlan
 from dist_xqa.logits.shards import LOGIT_DTYPES
 

@@ -9,6 +9,11 @@ while still needed (or by the reader, as corrupted) is simply produced again. Th
 progress file never tells a producer it is done (it may be an earlier run's, or a
 rolled-back student's): a producer stops when the student's heartbeat says it finished,
 and with an error when that heartbeat stalls or says it failed.
+
+With `distill.precompute` (the paper's pipeline) a producer first writes its whole part of
+the set (precompute()), with no look-ahead bound; the student starts once every part of
+every teacher is on disk (StoreReader.wait_for_every_shard) and, the store evicting none,
+no later step of a producer finds anything missing.
 """
 from __future__ import annotations
 
@@ -18,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from dist_xqa.logits.files import remove_temp_files
-from dist_xqa.logits.heartbeat import WAITING, Heartbeat, Preempted, StallWatch, read_beat, stop_requested
+from dist_xqa.files import remove_temp_files
 from dist_xqa.logits.manifest import Manifest, prepare_store
 from dist_xqa.logits.order import ShardPlan
 from dist_xqa.logits.progress import StoreTimeout, StudentProgress, heartbeat_path, producer_role, read_progress
 from dist_xqa.logits.shards import ShardError, compress_topk, read_shard, shard_path, write_shard
+from dist_xqa.waiting import WAITING, Heartbeat, Preempted, StallWatch, read_beat, stop_requested
 
 ComputeLogits = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
 AnswerMask = Callable[[list[int]], torch.Tensor]  # feature ids -> bool [S, L]: positions that may hold an answer
@@ -123,6 +128,21 @@ class Producer:
         epoch, position = self.plan.locate(min(stop, self.total - 1))
         self.heartbeat.beat(stop, WAITING, epoch=epoch, position=position, shards_written=self.shards_written)
         return False
+
+    def precompute(self) -> int:
+        """distill.precompute (the paper's pipeline): writes every shard of this part of the
+        set once, now, whatever the student's progress (no look-ahead bound); a shard
+        already valid on disk (a resumed run) is kept. Read from a cache-mode store that
+        evicts nothing, they serve every epoch: step() then finds nothing missing. Returns
+        the shards written."""
+        written = self.shards_written
+        for index in range(self.part, len(self.plan), self.parts):  # the first epoch's order, as step()
+            shard = self.plan.shard_at(index)
+            if not self._has_valid(shard):
+                self._produce(index, shard)
+        self.heartbeat.beat(len(self.plan), WAITING, force=True, precomputed=True,
+                            shards_written=self.shards_written)
+        return self.shards_written - written
 
     def wait_for_student(self) -> bool:
         """Between steps that found nothing to do: True once the student's heartbeat says

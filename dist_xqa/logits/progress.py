@@ -4,7 +4,7 @@
   producers' look-ahead window starts there), and `committed`, the point its last
   checkpoint resumes from (nothing before it is read again).
 - `<store>/<teacher>/heartbeat.json` (`heartbeat.<i>of<n>.json` for part i of a teacher
-  produced by n ranks), each producer's heartbeat (logits/heartbeat.py): the student waits
+  produced by n ranks), each producer's heartbeat (dist_xqa/waiting.py): the student waits
   for a shard as long as the heartbeat of a producer it lacks keeps moving.
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_xqa.logits.files import read_json, write_json
-from dist_xqa.logits.heartbeat import Stalled
+from dist_xqa.files import read_json, write_json
 from dist_xqa.logits.order import ShardPlan
+from dist_xqa.waiting import Stalled
 
 PROGRESS_NAME = "progress.json"
 HEARTBEAT_NAME = "heartbeat.json"

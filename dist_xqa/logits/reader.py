@@ -12,7 +12,7 @@ forward per epoch); in cache mode it is kept for the next epoch, and only over
 
 ReadAhead runs the reads (and whatever else prepares a step) on a side thread a bounded
 number of steps ahead of the student, so that a step never waits on file reads; the
-thread never beats a heartbeat (heartbeat.py: beats come from the work loop), the
+thread never beats a heartbeat (waiting.py: beats come from the work loop), the
 student's main thread does while it waits for the thread, and the thread's errors (a
 stalled producer's StoreTimeout included) are raised in the main thread.
 """
@@ -29,12 +29,12 @@ from typing import Generic, NamedTuple, TypeVar
 
 import torch
 
-from dist_xqa.logits.heartbeat import WAITING, Heartbeat, StallWatch
 from dist_xqa.logits.manifest import MANIFEST_NAME, Manifest, read_manifest
 from dist_xqa.logits.order import ShardPlan
 from dist_xqa.logits.progress import StoreTimeout, StudentProgress, producer_heartbeats, producer_role, write_progress
 from dist_xqa.logits.shards import (Logits, ShardData, ShardError, TopKLogits, list_shards, read_shard, shard_path,
                                     stack_logits)
+from dist_xqa.waiting import WAITING, Heartbeat, StallWatch
 
 log = logging.getLogger(__name__)
 MODES = ("window", "cache")
@@ -151,7 +151,8 @@ class StoreReader:
                 now = time.monotonic()
                 waiting_since = waiting_since or now
                 if missing != watching:  # a file arrived (progress) or the first wait: watch anew
-                    watching, watch = missing, self._watch(epoch, position, shard, missing)
+                    watching, watch = missing, self._watch(f"shard {shard} (epoch {epoch}, position {position})",
+                                                           missing)
                 watch.check(self._what(missing))
                 if self.heartbeat is not None:
                     self.heartbeat.beat(state=WAITING, epoch=epoch, position=position, shard=shard)
@@ -171,14 +172,15 @@ class StoreReader:
             stack_logits([data.end for data in shards]),
         )
 
-    def _missing(self, shard: int) -> list[str]:
-        """What get() still waits for: the manifest, or teachers whose file is absent.
-        A manifest that is present but differs raises StoreMismatchError at once."""
+    def _missing(self, shard: int | None) -> list[str]:
+        """What get() still waits for: the manifest, or teachers whose file of `shard` is
+        absent (None: the manifest alone). A manifest that is present but differs raises
+        StoreMismatchError at once."""
         found = read_manifest(self.store)
         if found is None:
             return [MANIFEST_NAME]
         self.manifest.check_matches(found, f"logit store {self.store}")
-        return [t for t in self.teachers if not shard_path(self.store, t, shard).exists()]
+        return [t for t in self.teachers if shard is not None and not shard_path(self.store, t, shard).exists()]
 
     def _read(self, shard: int) -> tuple[list[ShardData], list[str]]:
         """The verified files of `shard` and the teachers whose file failed verification
@@ -196,14 +198,33 @@ class StoreReader:
                     path.unlink(missing_ok=True)
         return shards, bad
 
-    def _watch(self, epoch: int, position: int, shard: int, missing: list[str]) -> StallWatch:
+    def _watch(self, waiting_for: str, missing: list[str]) -> StallWatch:
         """Watches the producers of the `missing` teachers (all of them while the store
         has no manifest)."""
         teachers = self.teachers if missing == [MANIFEST_NAME] else missing
         return StallWatch(lambda: [p for t in teachers for p in producer_heartbeats(self.store, t)],
-                          self.stall_timeout_s, f"logit store {self.store}: shard {shard} (epoch {epoch}, "
-                          f"position {position})", expected=[producer_role(t) for t in teachers],
-                          error=StoreTimeout)
+                          self.stall_timeout_s, f"logit store {self.store}: {waiting_for}",
+                          expected=[producer_role(t) for t in teachers], error=StoreTimeout)
+
+    def wait_for_every_shard(self, beat: Callable[[], None] | None = None) -> None:
+        """distill.precompute: returns once every shard of the plan is on disk for every
+        teacher of the reader, so the student's first read comes after the whole precompute.
+        Waits (polling every _MAX_BACKOFF_S, calling `beat`: the student's heartbeat) as long
+        as the producers of the teachers still missing shards beat; StoreTimeout once they
+        stall or fail. Verification is left to get()."""
+        watching, watch, every = None, None, set(range(len(self.plan)))
+        while True:
+            missing = self._missing(None)
+            if missing != [MANIFEST_NAME]:
+                missing = [t for t in self.teachers if not every <= set(list_shards(self.store / t))]
+            if not missing:
+                return
+            if missing != watching:
+                watching, watch = missing, self._watch("the precompute of every shard", missing)
+            watch.check(self._what(missing))
+            if beat is not None:
+                beat()
+            time.sleep(_MAX_BACKOFF_S)
 
     @staticmethod
     def _what(missing: list[str]) -> str:

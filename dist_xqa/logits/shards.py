@@ -27,7 +27,7 @@ from typing import Literal
 import safetensors.torch
 import torch
 
-from dist_xqa.logits.files import atomic_write
+from dist_xqa.files import atomic_write
 
 SHARD_FORMAT = "dist_xqa.logit_shard.v1"
 TOPK_SHARD_FORMAT = "dist_xqa.logit_shard.topk.v1"

@@ -26,14 +26,14 @@ import torch.distributed as dist
 
 from dist_xqa.config import EvalSetConfig, RunConfig
 from dist_xqa.evaluate import postprocess, score
+from dist_xqa.files import read_json, write_json
 from dist_xqa.inference import predict_logits
 from dist_xqa.models import load_trained
 from dist_xqa.monitor import Monitor
 from dist_xqa.prepare import Prepared, PreparedTestSet, run_test_sets
 from dist_xqa.roles.xsta import EXTRAS_CONFIG as XSTA_EXTRAS, XstaModule, load_xsta, translate_test_scores
-from dist_xqa.logits.files import read_json, write_json
-from dist_xqa.logits.heartbeat import (FINISHED, Heartbeat, StallWatch, role_heartbeat, role_heartbeats,
-                                      wait_for_run_files, wait_until)
+from dist_xqa.waiting import (FINISHED, Heartbeat, StallWatch, role_heartbeat, role_heartbeats,
+                              wait_for_run_files, wait_until)
 
 log = logging.getLogger(__name__)
 REPORT_KEYS = ("per_language", "xlt", "g_xlt", "pooled", "matrix")

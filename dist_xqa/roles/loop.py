@@ -1,15 +1,17 @@
 """The epoch/step loop every training group runs (teachers, baselines and the student),
-with DeepSpeed checkpoints that carry the data position, so rerunning the same command
-resumes exactly where the group stopped (the newest `checkpoint.keep` checkpoints are
-kept, older ones removed); the loop beats the role's heartbeat (logits/heartbeat.py) on
+with DeepSpeed checkpoints that carry the data position and each rank's random state, so
+rerunning the same command resumes exactly where the group stopped (the newest `checkpoint.keep` checkpoints are
+kept, older ones removed); the loop beats the role's heartbeat (dist_xqa/waiting.py) on
 every step, so ranks waiting for this role know it progresses; plus the group-wide helpers the loop needs
-(evaluation forward passes spread over the group, gathering ZeRO-3 weights for saving).
+(each epoch's row order, evaluation forward passes spread over the group, gathering
+ZeRO-3 weights for saving).
 
 Every rank of a group calls every function here in the same order: they issue
 collectives on the group's process group only, never on the world.
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 import re
@@ -25,10 +27,11 @@ import torch.distributed as dist
 
 from dist_xqa.config import CheckpointConfig
 from dist_xqa.distributed import TrainingGroup, group_scope
+from dist_xqa.files import atomic_write
 from dist_xqa.inference import predict_logits
-from dist_xqa.logits.heartbeat import FINISHED, Heartbeat, Preempted, stop_requested
 from dist_xqa.logits.order import rank_rows
 from dist_xqa.monitor import progress
+from dist_xqa.waiting import FINISHED, Heartbeat, Preempted, stop_requested
 
 log = logging.getLogger(__name__)
 TAG = re.compile(r"step(\d+)")  # DeepSpeed checkpoint tags: step<global step>
@@ -75,14 +78,35 @@ class GroupLoop:
         state = LoopState(**client["loop"]) if client and "loop" in client else LoopState()
         log.info("%s: resumed from %s at epoch %d step %d (global step %d)", self.desc, self.ckpt_dir,
                  state.epoch + 1, state.step_in_epoch, state.global_step)
+        rng = self._rng_path(state.global_step)
+        if rng.exists():
+            set_rng_state(torch.load(rng), self.engine.device)
+        else:
+            log.warning("%s: no random state of rank %d in %s: dropout after the resume differs from an "
+                        "uninterrupted run's", self.desc, self.group.rank, rng.parent)
         return state
+
+    def _rng_path(self, global_step: int) -> Path:
+        return self.ckpt_dir / f"step{global_step}" / f"rng_state.{self.group.rank}.pt"
 
     def save(self, state: LoopState) -> None:
         self._beat(state, "checkpointing")
+        tag = f"step{state.global_step}"
+        # Each rank's random state (dropout) goes with the checkpoint (DeepSpeed saves
+        # none): a resumed group then draws what an uninterrupted one would have.
+        rng = self._rng_path(state.global_step)
+        rng.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(rng_state(self.engine.device), buffer)
+        atomic_write(rng, buffer.getvalue())
         with group_scope(self.group):  # DeepSpeed's barriers must stay inside the group
-            self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step{state.global_step}",
-                                        client_state={"loop": asdict(state)})
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"loop": asdict(state)},
+                                        save_latest=False)
         if self.group.rank == 0:
+            # `latest` names the tag once every rank has written its part (save_checkpoint
+            # ends with the group's barrier). DeepSpeed's own `latest` comes before that
+            # barrier: a job killed right after it resumed from a torn optimizer state.
+            atomic_write(self.ckpt_dir / "latest", tag.encode())
             self._rotate(state.global_step)
         if self.on_checkpoint is not None:
             self.on_checkpoint(state)
@@ -150,11 +174,32 @@ class GroupLoop:
         return state
 
 
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random state a training step draws from on `device` (dropout): the CPU's, and
+    the accelerator's own on one."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def rank_slice(rows: list[int], group: TrainingGroup) -> list[int]:
     """This rank's part of `rows`: contiguous, disjoint across the group, sizes differing
     by at most one, the union is `rows`."""
     part = rank_rows(len(rows), group.rank, group.size)
     return rows[part]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which a group's steps visit `n` rows in `epoch`: a permutation seeded
+    by the run's seed and the epoch, so a resumed run takes the batches it would have taken."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def group_predict(module: torch.nn.Module, features, batch_size: int, device: torch.device,

@@ -24,6 +24,16 @@ overlap. Within that:
   phase time (the sum of the rounds' times: a round starts when the previous one has
   finished) wins; ties put the first teachers in the first round, so equal work gives
   the even split.
+- with `teacher.global_batch_size`, a round whose proportional sizes do not all divide it
+  takes the fastest sizes that do, where the ranks allow any (a group the global batch
+  does not split over is refused at start-up); likewise a dedicated student's size
+  divides `student.global_batch_size` where one can.
+
+`teacher_schedule` sequential (the paper's pipeline, a baseline of benchmarks/pipeline.py)
+replaces all of the above: every teacher is a round of its own on every rank, in plan
+order, and phase 2 is shared with every teacher's producer on every rank (each rank
+writes a part of each teacher's shards), so every phase uses every rank for one model at
+a time.
 
 Phase 2 (distillation). Producers run teacher inference over the distillation set and
 write the logit store; the student group trains from it. Producers never talk to each
@@ -66,6 +76,7 @@ from enum import Enum
 from typing import Mapping, Sequence
 
 PRODUCER_MODES = ("auto", "dedicated", "shared")  # the `plan.producers` key
+TEACHER_SCHEDULES = ("balanced", "sequential")  # the `plan.teacher_schedule` key
 DEFAULT_PRODUCER_SPEED_RATIO = 3.0  # a forward pass against a forward + backward
 
 
@@ -194,32 +205,44 @@ class RolePlan:
 
 def plan_roles(world_size: int, teachers: Sequence[str] | Mapping[str, float], student_min_ranks: int = 1,
                producer_speed_ratio: float = DEFAULT_PRODUCER_SPEED_RATIO, producers: str = "auto",
-               distill_work: float | None = None) -> RolePlan:
+               distill_work: float | None = None, teacher_schedule: str = "balanced",
+               teacher_global_batch: int | None = None, student_global_batch: int | None = None) -> RolePlan:
     """Build the role plan on `world_size` ranks (policy: see the module docstring).
 
     `teachers`: the teacher names in order (equal work) or a mapping name -> work (the
-    features it trains, times its epochs). `student_min_ranks`, `producer_speed_ratio`
-    and `producers` are the `plan` config keys; `distill_work` (the student's features
-    times its epochs) only feeds the phase-2 time estimate."""
+    features it trains, times its epochs). `student_min_ranks`, `producer_speed_ratio`,
+    `producers` and `teacher_schedule` are the `plan` config keys; `distill_work` (the student's features
+    times its epochs) only feeds the phase-2 time estimate. `teacher_global_batch`,
+    `student_global_batch` (teacher.global_batch_size, student.global_batch_size): group
+    sizes that divide them are preferred where the ranks allow any (train.py refuses a
+    plan with a group that does not divide its role's global batch)."""
     work = dict(teachers) if isinstance(teachers, Mapping) else {name: 1.0 for name in _names(teachers)}
-    _validate(world_size, work, student_min_ranks, producer_speed_ratio, producers, distill_work)
+    _validate(world_size, work, student_min_ranks, producer_speed_ratio, producers, distill_work, teacher_schedule)
     names = tuple(work)
     if not names:  # a strategy without phase-1 models (X-STA): the student on every rank
         student = RoleGroup(name="student", role=Role.STUDENT, ranks=tuple(range(world_size)))
         estimate = PlanEstimate({}, (), float(world_size), distill_work)
         return RolePlan(world_size=world_size, teachers=(), teacher_rounds=(), student=student,
                         producers=(), producers_share_student_ranks=True, estimate=estimate)
-    rounds, round_times = _teacher_rounds(world_size, work)
-    dedicated = producers == "dedicated" or (producers == "auto" and world_size >= len(names) + student_min_ranks)
+    sequential = teacher_schedule == "sequential"
+    if sequential:  # one teacher at a time on every rank, in plan order
+        every = tuple(range(world_size))
+        rounds = tuple((RoleGroup(name=f"teacher/{t}", role=Role.TEACHER, ranks=every, teacher=t),) for t in names)
+        round_times = tuple(work[t] / world_size for t in names)
+    else:
+        rounds, round_times = _teacher_rounds(world_size, work, teacher_global_batch)
+    dedicated = not sequential and (producers == "dedicated" or
+                                    (producers == "auto" and world_size >= len(names) + student_min_ranks))
     if dedicated:
         student_size, producer_sizes = _dedicated_split(world_size, len(names), student_min_ranks,
-                                                        producer_speed_ratio)
+                                                        producer_speed_ratio, student_global_batch)
         producer_blocks = _blocks(range(student_size, world_size), producer_sizes)
         assignments = tuple(ProducerAssignment(t, block) for t, block in zip(names, producer_blocks))
         speed = _dedicated_speed(student_size, producer_sizes, producer_speed_ratio)
     else:
         student_size = world_size
-        assignments = _shared_producers(world_size, names)
+        assignments = (tuple(ProducerAssignment(t, tuple(range(world_size))) for t in names) if sequential
+                       else _shared_producers(world_size, names))
         speed = _shared_speed(world_size, assignments, producer_speed_ratio)
     student = RoleGroup(name="student", role=Role.STUDENT, ranks=tuple(range(student_size)))
     return RolePlan(world_size=world_size, teachers=names, teacher_rounds=rounds, student=student,
@@ -241,7 +264,8 @@ def _positive_number(value: object) -> bool:
 
 
 def _validate(world_size: int, work: Mapping[str, float], student_min_ranks: int,
-              producer_speed_ratio: float, producers: str, distill_work: float | None) -> None:
+              producer_speed_ratio: float, producers: str, distill_work: float | None,
+              teacher_schedule: str) -> None:
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
     for name, amount in work.items():
@@ -257,6 +281,12 @@ def _validate(world_size: int, work: Mapping[str, float], student_min_ranks: int
         raise ValueError(f"plan.producer_speed_ratio must be a positive number, got {producer_speed_ratio!r}")
     if producers not in PRODUCER_MODES:
         raise ValueError(f"plan.producers must be one of {', '.join(PRODUCER_MODES)}, got {producers!r}")
+    if teacher_schedule not in TEACHER_SCHEDULES:
+        raise ValueError(f"plan.teacher_schedule must be one of {', '.join(TEACHER_SCHEDULES)}, "
+                         f"got {teacher_schedule!r}")
+    if teacher_schedule == "sequential" and producers == "dedicated":
+        raise ValueError("plan.teacher_schedule sequential produces every teacher's logits on every rank: "
+                         "it needs plan.producers auto or shared, not dedicated")
     if producers == "dedicated" and work and world_size < len(work) + student_min_ranks:
         raise ValueError(
             f"plan.producers is dedicated, but {world_size} rank(s) cannot hold a student of "
@@ -290,13 +320,40 @@ def _proportional_sizes(world_size: int, work: Sequence[float]) -> list[int]:
     return sizes
 
 
-def _round_time(world_size: int, work: Sequence[float]) -> tuple[float, list[int]]:
-    """A round's estimated time on `world_size` ranks and its group sizes."""
+def _dividing_sizes(world_size: int, work: Sequence[float], global_batch: int) -> list[int] | None:
+    """The group sizes of a round on all `world_size` ranks that all divide `global_batch`
+    with the smallest round time max(work / ranks), or None when no such sizes exist. The
+    candidate times are the work / size pairs, tried from the fastest: at a time, each
+    group needs a dividing size at least as large as makes it that fast, and the sizes
+    must add up to the ranks (subset sums, group by group)."""
+    allowed = [d for d in range(1, world_size + 1) if global_batch % d == 0]
+    for time in sorted({w / d for w in work for d in allowed}):
+        options = [[d for d in allowed if w / d <= time * (1 + 1e-12)] for w in work]
+        reach = [{0}]  # reach[i]: the rank counts the first i groups can add up to
+        for choice in options:
+            reach.append({s + d for s in reach[-1] for d in choice if s + d <= world_size})
+        if world_size in reach[-1]:
+            sizes, rest = [], world_size
+            for i in reversed(range(len(work))):  # back from the total, the largest fitting size first
+                size = max(d for d in options[i] if rest - d in reach[i])
+                sizes.append(size)
+                rest -= size
+            return sizes[::-1]
+    return None
+
+
+def _round_time(world_size: int, work: Sequence[float], global_batch: int | None = None
+                ) -> tuple[float, list[int]]:
+    """A round's estimated time on `world_size` ranks and its group sizes: proportional to
+    the work, or, where those sizes do not all divide `global_batch` (the teachers' global
+    batch, which train.py would refuse to split), the fastest sizes that do, if any."""
     sizes = _proportional_sizes(world_size, work)
+    if global_batch is not None and any(global_batch % n for n in sizes):
+        sizes = _dividing_sizes(world_size, work, global_batch) or sizes
     return max(w / n for w, n in zip(work, sizes)), sizes
 
 
-def _teacher_rounds(world_size: int, work: Mapping[str, float]
+def _teacher_rounds(world_size: int, work: Mapping[str, float], global_batch: int | None = None
                     ) -> tuple[tuple[tuple[RoleGroup, ...], ...], tuple[float, ...]]:
     """Phase 1's rounds and their estimated times (see the module docstring): a branch and
     bound over every way to put the teachers into the fewest rounds of at most
@@ -327,7 +384,7 @@ def _teacher_rounds(world_size: int, work: Mapping[str, float]
         if bound(unplaced) >= best[0] * (1 - 1e-12):
             return
         if i == len(names):
-            time = sum(_round_time(n, [work[t] for t in r])[0] for r in rounds)
+            time = sum(_round_time(n, [work[t] for t in r], global_batch)[0] for r in rounds)
             if len(rounds) == n_rounds and time < best[0] * (1 - 1e-12):
                 best[:] = [time, [list(r) for r in rounds]]
             return
@@ -352,7 +409,7 @@ def _teacher_rounds(world_size: int, work: Mapping[str, float]
     groups, times = [], []
     for round_ in best[1]:
         round_.sort(key=list(work).index)  # plan order inside a round
-        time, sizes = _round_time(n, [work[t] for t in round_])
+        time, sizes = _round_time(n, [work[t] for t in round_], global_batch)
         times.append(time)
         groups.append(tuple(RoleGroup(name=f"teacher/{t}", role=Role.TEACHER, ranks=block, teacher=t)
                             for t, block in zip(round_, _blocks(range(n), sizes))))
@@ -365,12 +422,15 @@ def _dedicated_speed(student_size: int, producer_sizes: Sequence[int], ratio: fl
 
 
 def _dedicated_split(world_size: int, n_teachers: int, student_min_ranks: int,
-                     ratio: float) -> tuple[int, list[int]]:
+                     ratio: float, global_batch: int | None = None) -> tuple[int, list[int]]:
     """(student ranks, producer ranks per teacher): the largest student whose producers
     keep ahead of it (ratio x producers >= student ranks for every teacher); where even
-    the smallest allowed student outruns them, that smallest one (the fastest then)."""
-    student_size = student_min_ranks
-    for size in range(student_min_ranks + 1, world_size - n_teachers + 1):
+    the smallest allowed student outruns them, that smallest one (the fastest then).
+    With the student's `global_batch`, only student sizes that divide it, where any do."""
+    sizes = range(student_min_ranks, world_size - n_teachers + 1)
+    sizes = [n for n in sizes if global_batch is None or global_batch % n == 0] or list(sizes)
+    student_size = sizes[0]
+    for size in sizes[1:]:
         if ratio * min(_even_sizes(world_size - size, n_teachers)) >= size:
             student_size = size
     return student_size, _even_sizes(world_size - student_size, n_teachers)

@@ -1,7 +1,7 @@
 """Phase 2 of strategy skd: self-knowledge distillation with mAP@k (Carrino et al. 2023).
 
 Phase 1 (optional) is an ordinary fine-tuning job on the source language (`PHASE1_JOB`,
-trained by roles.finetune with the teacher.* section). Phase 2 trains the student on a
+trained by roles.supervised with the teacher.* section). Phase 2 trains the student on a
 cross-lingual sample of every question x passage pair (`TRAIN_SET`'s features), drawn anew
 each epoch with the epoch's seed, against the teacher of the epoch's generation:
 
@@ -35,19 +35,19 @@ from dist_xqa.data.builders import cross_lingual_sampling
 from dist_xqa.data.parallel import ParallelSet, align
 from dist_xqa.data.records import QAExample
 from dist_xqa.distributed import TrainingGroup, build_engine, release_engine
-from dist_xqa.inference import model_inputs
+from dist_xqa.inference import label_tensors, model_inputs
 from dist_xqa.logits import Manifest, Producer, ShardPlan, StoreReader, hash_checkpoint
-from dist_xqa.logits.heartbeat import wait_for_run_files
 from dist_xqa.logits.order import rank_rows
 from dist_xqa.logits.shards import dense_logits
 from dist_xqa.models import build_model, load_trained, save_hf
 from dist_xqa.monitor import DeviceScalars, Monitor
 from dist_xqa.prepare import SKD_PHASE1_JOB, Prepared
-from dist_xqa.roles.finetune import label_tensors, select_and_save, write_done
 from dist_xqa.roles.loop import GroupLoop, LoopState, full_state_dict
 from dist_xqa.roles.plan import RolePlan
-from dist_xqa.roles.student import teacher_compute
+from dist_xqa.roles.producer import teacher_compute
+from dist_xqa.roles.selection import select_and_save, write_done
 from dist_xqa.strategies.skd import map_at_k, skd_loss
+from dist_xqa.waiting import wait_for_run_files
 
 log = logging.getLogger(__name__)
 PHASE1_JOB = SKD_PHASE1_JOB
@@ -183,7 +183,7 @@ def run_skd(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan,
                           weight_decay=scfg.weight_decay, micro_batch_size=scfg.micro_batch_size,
                           gradient_accumulation_steps=scfg.grad_accum,
                           total_steps=len(epoch_plan(0)) * scfg.epochs, warmup_ratio=scfg.warmup_ratio)
-    monitor = Monitor(cfg.run_path, "student", enabled=group.rank == 0)
+    monitor = Monitor(cfg.run_path, "student", enabled=group.rank == 0, every=cfg.monitor.every)
     current: list[Generation] = []
 
     def generation(epoch: int) -> Generation:

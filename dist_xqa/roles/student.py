@@ -1,27 +1,27 @@
-"""Phase 2: producers stream the frozen teachers' logits over the distillation set D into
-the sharded store; the student group trains on D with
+"""Phase 2's student (LBMRC): trains on the distillation set D with
     L = lambda1 * NLL + lambda2 * tau^2 * CE(softmax(z / tau), softmax(z_student / tau)),
-z the entropy-weighted (imp) or fixed-weight (hyper) aggregate of the K teachers' logits.
+z the entropy-weighted (imp) or fixed-weight (hyper) aggregate of the K teachers' logits,
+read from the sharded store that the producers fill (roles/producer.py; roles/phase2.py
+starts both).
 
 One student optimizer step is one shard of the store (shard size = the student's global
-batch), its features split over the student ranks. Ranks meet only through files: the
-student waits on shard files as long as the missing teachers' producers beat, producers
-follow the student's progress file and stop when the student's heartbeat says it
-finished (or stalled, or failed). With dedicated producer ranks those ranks only produce;
-with shared ranks every student rank runs its producers' steps between its own steps.
+batch), its features split over the student ranks. The student waits on shard files as
+long as the missing teachers' producers beat; its own heartbeat tells the producers where
+it is and when it has finished. With shared ranks every student rank runs its producers'
+steps while it waits for the store.
 
 A student step never waits on the host: its micro-batches come from a DataLoader over
 the prepared features and its teachers' logits from the store, both prepared and moved
 to the device a few steps ahead on a side thread (StudentInputs, logits.reader.ReadAhead),
 and its losses stay on the device until the monitor reads them every `monitor.every`
-steps (DeviceScalars).
+steps (DeviceScalars). The debug trace (`run.trace_steps`, roles/trace.py) is the
+exception: it reads each step's losses back after the step.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -30,50 +30,25 @@ import torch.distributed as dist
 
 from dist_xqa import kernels
 from dist_xqa.config import DistillConfig, RunConfig, batch_for_group
-from dist_xqa.data.features import TokenizerSettings
 from dist_xqa.distributed import TrainingGroup, build_engine, release_engine
-from dist_xqa.inference import input_columns, predict_logits
-from dist_xqa.logits import Manifest, Producer, ShardPlan, StoreReader, hash_checkpoint
-from dist_xqa.logits.heartbeat import WAITING, Heartbeat, role_heartbeat, role_heartbeats, wait_for_run_files
-from dist_xqa.logits.producer import serve
+from dist_xqa.inference import LABELS, input_columns
+from dist_xqa.logits import Manifest, Producer, ShardPlan, StoreReader
 from dist_xqa.logits.order import rank_rows
 from dist_xqa.logits.reader import ReadAhead, logits_to
 from dist_xqa.logits.shards import Logits, dense_logits
 from dist_xqa.losses import student_loss
-from dist_xqa.models import build_model, load_tokenizer, load_trained
+from dist_xqa.models import build_model
 from dist_xqa.monitor import DeviceScalars, Monitor
 from dist_xqa.prepare import DISTILL_SET, Prepared
-from dist_xqa.roles.finetune import LABELS, label_tensors, select_and_save, write_done
 from dist_xqa.roles.loop import GroupLoop, LoopState
-from dist_xqa.roles.plan import RolePlan
+from dist_xqa.roles.selection import select_and_save, write_done
+from dist_xqa.roles.trace import StepTrace, trace_path
+from dist_xqa.waiting import WAITING, Heartbeat, role_heartbeat
 
 log = logging.getLogger(__name__)
-TEACHER_WAIT_POLL_S = 2.0
 STUDENT_ROLE = "student"  # its heartbeats: <run>/heartbeats/student.<rank>.json
 STREAM_STATS_EVERY = 10  # student steps between logit-stream statistics
 READ_AHEAD_STEPS = 2  # steps whose inputs the side thread prepares ahead of the student
-
-
-def check_teacher_tokenizers(teacher_dirs: dict[str, Path], settings: TokenizerSettings) -> None:
-    """Teachers' logits are only comparable with the student's over the same tokens: refuse
-    a teacher saved with another tokenizer than the one the run's features use."""
-    for teacher, directory in teacher_dirs.items():
-        saved = TokenizerSettings.from_tokenizer(load_tokenizer(directory), str(directory),
-                                                 settings.max_length, settings.doc_stride)
-        settings.check_same(saved, "the run's features", f"teacher {teacher!r} ({directory})")
-
-
-def teacher_compute(model_dir: Path, features, row_of: dict[int, int], batch_size: int, device: torch.device):
-    """The producer's compute function: a frozen teacher's (start, end) logits for feature ids."""
-    model = load_trained(model_dir).to(device).eval()
-
-    def compute(feature_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [row_of[int(f)] for f in feature_ids]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            start, end = predict_logits(model, features, batch_size, device, rows)
-        return torch.from_numpy(start), torch.from_numpy(end)
-
-    return compute
 
 
 def fixed_weights(cfg: RunConfig, teachers: list[str]) -> torch.Tensor | None:
@@ -111,6 +86,7 @@ class MicroBatch(NamedTuple):
     langs: torch.Tensor  # passage-language codes [B] (the KD loss by branch)
     shard_rows: torch.Tensor  # which rows of the shard these are (to cut the teachers' logits)
     weight: float  # loss multiplier (micro_batch_plan); 0: a borrowed row, not logged
+    feature_ids: torch.Tensor  # the rows' feature ids [B], kept on the host (the step trace)
     teacher_start: Logits | None = None  # [K, B, L]
     teacher_end: Logits | None = None
 
@@ -130,7 +106,7 @@ class ShardBatches(torch.utils.data.Dataset):
     def __init__(self, features, plan: ShardPlan, epoch: int, rank: int, size: int, grad_accum: int,
                  languages: list[str]):
         self.inputs = input_columns(features)
-        self.columns = features.select_columns([*self.inputs, *LABELS]).with_format("numpy")
+        self.columns = features.select_columns([*self.inputs, *LABELS, "feature_id"]).with_format("numpy")
         ids = np.asarray(features["feature_id"], dtype=np.int64)
         self.sorted_ids, self.row_order = np.sort(ids), np.argsort(ids)  # feature id -> row, vectorised
         self.langs = np.searchsorted(np.asarray(languages), np.asarray(features["context_lang"]))
@@ -154,14 +130,17 @@ class ShardBatches(torch.utils.data.Dataset):
                                     torch.as_tensor(cols["answer_mask"]).bool(),
                                     torch.as_tensor(cols["start_positions"], dtype=torch.long),
                                     torch.as_tensor(cols["end_positions"], dtype=torch.long),
-                                    torch.as_tensor(self.langs[rows]), torch.as_tensor(shard_rows), weight))
+                                    torch.as_tensor(self.langs[rows]), torch.as_tensor(shard_rows), weight,
+                                    torch.as_tensor(cols["feature_id"])))
         return StepBatch(position, len(ids), micro)
 
 
-def loader_workers(device: torch.device) -> int:
-    """DataLoader worker processes: on a GPU host they assemble batches beside the
-    training process; on a CPU run the read-ahead thread does it, and workers would only
-    take cores from the ranks."""
+def loader_workers(device: torch.device, setting: int | str = "auto") -> int:
+    """DataLoader worker processes (`run.loader_workers`): a number as given; auto: on a
+    GPU host 2 assemble batches beside the training process, on a CPU run none (the
+    read-ahead thread does it, and workers would only take cores from the ranks)."""
+    if setting != "auto":
+        return int(setting)
     return 2 if device.type == "cuda" else 0
 
 
@@ -185,8 +164,11 @@ class StudentInputs:
     def _read(self, epoch: int, start: int, idle: Callable[[], bool]) -> Iterator[StepBatch]:
         dataset = self.batches(epoch)
         cuda = self.device.type == "cuda"
+        # Its own generator: a DataLoader draws a seed from it on every start, and the global
+        # one is the student's (dropout), restored from checkpoints on resume (GroupLoop).
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, len(dataset)),
-                                             num_workers=self.workers, pin_memory=cuda)
+                                             num_workers=self.workers, pin_memory=cuda,
+                                             generator=torch.Generator())
 
         def to_device(t: torch.Tensor) -> torch.Tensor:
             return t.to(self.device, non_blocking=cuda)
@@ -246,10 +228,12 @@ def kd_options(kd: DistillConfig, weights: torch.Tensor | None) -> dict:
                 fixed_weights=weights, sign=kd.imp_sign, kd_fn=kernels.entropy_weighted_kd)
 
 
-def student_step(engine, batch: StepBatch, options: dict, scalars: StudentScalars | None) -> None:
+def student_step(engine, batch: StepBatch, options: dict, scalars: StudentScalars | None) -> list[torch.Tensor]:
     """One optimizer step of the student on `batch` (StudentInputs.get): its micro-batches'
     forward, loss (student_loss with `options`, kd_options) and backward, then the step.
-    Nothing here reads a value back to the host."""
+    Returns each micro-batch's total loss, on the device. Nothing here reads a value back
+    to the host."""
+    losses = []
     for micro in batch.micro:
         out = engine(**micro.inputs)
         loss = student_loss(out.start_logits.float(), out.end_logits.float(),
@@ -259,18 +243,21 @@ def student_step(engine, batch: StepBatch, options: dict, scalars: StudentScalar
         engine.step()
         if scalars is not None and micro.weight != 0:  # a borrowed row: no part of the student's loss
             scalars.add(loss, micro.langs)
+        losses.append(loss.total.detach())
+    return losses
 
 
 class StudentTrainStep:
     """GroupLoop's train_step for the student: waits for the step's inputs (beating the
     student's heartbeat and running time-shared producers meanwhile), runs student_step,
     and writes the scalars every `monitor.every` steps and the stream statistics every
-    STREAM_STATS_EVERY steps."""
+    STREAM_STATS_EVERY steps; with a `trace` (run.trace_steps), each step to it."""
 
     def __init__(self, engine, inputs: StudentInputs, options: dict, scalars: StudentScalars, monitor: Monitor,
-                 reader: StoreReader, heartbeat: Heartbeat, producers: list[Producer]):
+                 reader: StoreReader, heartbeat: Heartbeat, producers: list[Producer], trace: StepTrace | None = None):
         self.engine, self.inputs, self.options, self.scalars = engine, inputs, options, scalars
         self.monitor, self.reader, self.heartbeat, self.producers = monitor, reader, heartbeat, producers
+        self.trace = trace
 
     def __call__(self, epoch: int, position: int, state: LoopState) -> None:
         def waiting() -> bool:  # while the read-ahead waits for the store
@@ -278,7 +265,9 @@ class StudentTrainStep:
             return any(p.step() for p in self.producers)  # time-shared producers: one shard, if any
 
         batch = self.inputs.get(epoch, position, while_waiting=waiting)
-        student_step(self.engine, batch, self.options, self.scalars)
+        losses = student_step(self.engine, batch, self.options, self.scalars)
+        if self.trace is not None:
+            self.trace.record(state.global_step, epoch, position, batch.micro, losses)
         if self.scalars.scalars.due(state.global_step):
             self.flush(state.global_step)
         if state.global_step % STREAM_STATS_EVERY == 0:  # lists the store: not on every step
@@ -291,47 +280,6 @@ class StudentTrainStep:
     def flush(self, step: int) -> None:
         self.scalars.scalars.flush(step)
         self.monitor.scalar("student/lr", self.engine.get_lr()[0], step)
-
-
-def run_phase2(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan,
-               groups: dict[str, TrainingGroup], device: torch.device) -> None:
-    out_dir = cfg.run_path / "student"
-    if (out_dir / "DONE.json").exists():
-        return
-    rank = dist.get_rank()
-    teachers = list(plan.teachers)
-    teacher_dirs = {t: cfg.run_path / "teachers" / t for t in teachers}
-    # Phase 1 and 2 meet through files: every teacher must be saved.
-    wait_for_run_files(cfg.run_path, [d / "DONE.json" for d in teacher_dirs.values()], cfg.run.stall_timeout_s,
-                       "phase 2 waiting for the teachers", roles="teacher_*",
-                       expected=[f"teacher_{t}" for t in teachers], poll_s=TEACHER_WAIT_POLL_S)
-    check_teacher_tokenizers(teacher_dirs, prepared.settings)
-
-    scfg = batch_for_group(cfg.student, plan.student.size)
-    features = prepared.features(DISTILL_SET)
-    feature_ids = [int(f) for f in features["feature_id"]]
-    row_of = {f: i for i, f in enumerate(feature_ids)}
-    shard_plan = ShardPlan(feature_ids, scfg.micro_batch_size * scfg.grad_accum * plan.student.size, cfg.seed)
-    manifest = Manifest.for_plan(shard_plan, prepared.settings.fingerprint(),
-                                 {t: hash_checkpoint(d) for t, d in teacher_dirs.items()},
-                                 dtype=cfg.distill.logits_dtype, topk=cfg.distill.store_topk)
-    store = cfg.run_path / "logits"
-    producers = [
-        Producer(store, t, shard_plan,
-                 teacher_compute(teacher_dirs[t], features, row_of, cfg.eval.batch_size, device),
-                 cfg.distill.lookahead_shards, scfg.epochs, manifest=manifest,
-                 answer_mask=lambda ids: label_tensors(features, [row_of[f] for f in ids], torch.device("cpu"))[0],
-                 stall_timeout_s=cfg.run.stall_timeout_s,
-                 student_beats=lambda: role_heartbeats(cfg.run_path, STUDENT_ROLE),
-                 part=(p.ranks.index(rank), len(p.ranks)),
-                 placebo_seed=cfg.seed if cfg.distill.placebo_shuffle else None)
-        for p in plan.producers if rank in p.ranks for t in [p.teacher]
-    ]
-    if rank in plan.student.ranks:
-        train_student(cfg, prepared, ds_config, groups[plan.student.name], device, features,
-                      shard_plan, manifest, teachers, producers)
-    else:  # a dedicated producer rank: until the student's heartbeat says it finished
-        serve(producers)
 
 
 def train_student(cfg: RunConfig, prepared: Prepared, ds_config: dict, group: TrainingGroup,
@@ -347,19 +295,22 @@ def train_student(cfg: RunConfig, prepared: Prepared, ds_config: dict, group: Tr
                           lr=scfg.lr, weight_decay=scfg.weight_decay, micro_batch_size=scfg.micro_batch_size,
                           gradient_accumulation_steps=scfg.grad_accum, total_steps=len(shard_plan) * scfg.epochs,
                           warmup_ratio=scfg.warmup_ratio)
-    monitor = Monitor(cfg.run_path, "student", enabled=group.rank == 0)
+    monitor = Monitor(cfg.run_path, "student", enabled=group.rank == 0, every=cfg.monitor.every)
     scalars = StudentScalars(monitor, languages, teachers, imp=kd.aggregation == "imp")
     heartbeat = Heartbeat(role_heartbeat(cfg.run_path, STUDENT_ROLE, group.rank), STUDENT_ROLE)
     # The reader runs on the read-ahead thread: it beats no heartbeat (the main thread
     # does while it waits for the thread, below).
+    # A precomputed store keeps every shard to the end (its budget was checked at start-up,
+    # disk.check_precompute_budget): the reader evicts none of them.
+    budget = int(kd.disk_budget_gb * 2**30) if kd.store_mode == "cache" and not kd.precompute else None
     reader = StoreReader(cfg.run_path / "logits", teachers, shard_plan, manifest, cfg.run.stall_timeout_s,
-                         kd.store_mode, int(kd.disk_budget_gb * 2**30) if kd.store_mode == "cache" else None,
-                         lookahead=kd.lookahead_shards, writer=group.rank == 0)
+                         kd.store_mode, budget, lookahead=kd.lookahead_shards, writer=group.rank == 0)
     inputs = StudentInputs(lambda epoch: ShardBatches(features, shard_plan, epoch, group.rank, group.size,
                                                       scfg.grad_accum, languages),
-                           reader, device, loader_workers(device))
+                           reader, device, loader_workers(device, cfg.run.loader_workers))
 
-    train_step = StudentTrainStep(engine, inputs, options, scalars, monitor, reader, heartbeat, producers)
+    trace = StepTrace(trace_path(cfg.run_path, group.rank), teachers) if cfg.run.trace_steps else None
+    train_step = StudentTrainStep(engine, inputs, options, scalars, monitor, reader, heartbeat, producers, trace)
 
     def end_of_epoch(epoch: int, state: LoopState) -> None:
         train_step.flush(state.global_step)
@@ -371,10 +322,14 @@ def train_student(cfg: RunConfig, prepared: Prepared, ds_config: dict, group: Tr
     if group.rank == 0:
         # Shards behind a checkpoint are never read again by a resumed student: free them.
         loop.on_checkpoint = lambda state: reader.commit_progress(state.epoch, state.step_in_epoch)
+    if kd.precompute:  # the first read comes after every shard of every teacher is on disk
+        reader.wait_for_every_shard(beat=lambda: heartbeat.beat(state=WAITING))
     try:
         state = loop.run(scfg.epochs, lambda epoch: len(shard_plan), train_step, end_of_epoch)
     finally:
         inputs.close()
+        if trace is not None:
+            trace.close()
     if group.rank == 0:
         write_done(out_dir, cfg, state, scfg.epochs, len(dev_features))
     # Time-shared producers have no work left: every student rank has read the last shard

@@ -34,13 +34,13 @@ from torch import nn
 
 from dist_xqa.config import RunConfig, XstaConfig, batch_for_group
 from dist_xqa.distributed import TrainingGroup, build_engine, release_engine
-from dist_xqa.inference import model_inputs, predict_logits
+from dist_xqa.inference import label_tensors, model_inputs, predict_logits
 from dist_xqa.models import build_model, load_trained, save_hf
 from dist_xqa.monitor import DeviceScalars, Monitor
 from dist_xqa.prepare import Prepared
-from dist_xqa.roles.finetune import dev_f1, epoch_order, label_tensors, write_done
-from dist_xqa.roles.loop import GroupLoop, LoopState, full_state_dict, rank_slice
+from dist_xqa.roles.loop import GroupLoop, LoopState, epoch_order, full_state_dict, rank_slice
 from dist_xqa.roles.plan import RolePlan
+from dist_xqa.roles.selection import dev_f1, write_done
 from dist_xqa.strategies.xsta import (Span, TeacherGuidedCalibration, XstaEncoder, XstaLoss, calibrated_scores,
                                       xsta_loss)
 
@@ -217,7 +217,7 @@ def run_xsta(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan
     engine = build_engine(module, ds_config, group, lr=scfg.lr, weight_decay=scfg.weight_decay,
                           micro_batch_size=scfg.micro_batch_size, gradient_accumulation_steps=scfg.grad_accum,
                           total_steps=steps * scfg.epochs, warmup_ratio=scfg.warmup_ratio)
-    monitor = Monitor(cfg.run_path, "student", enabled=group.rank == 0)
+    monitor = Monitor(cfg.run_path, "student", enabled=group.rank == 0, every=cfg.monitor.every)
     scalars = DeviceScalars(monitor)  # read once per flush, not per step
 
     def train_step(epoch: int, i: int, state: LoopState) -> None:

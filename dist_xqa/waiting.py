@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dist_xqa.logits.files import read_json, write_json
+from dist_xqa.files import read_json, write_json
 
 WORKING, WAITING, FINISHED, FAILED, STOPPED = "working", "waiting", "finished", "failed", "stopped"
 HEARTBEAT_DIR = "heartbeats"

@@ -1,8 +1,9 @@
-"""Atomic file writes for the logit store: a reader sees a file either absent or complete.
+"""Atomic file writes: a reader sees a file either absent or complete.
 
-Every file the roles exchange (shards, the manifest, the student's progress, producer
-heartbeats) is written to a temporary name in its own directory and renamed over the final
-name, so a writer killed at any point leaves at most a hidden temporary file behind.
+Every file the roles exchange (shards, the manifest, the student's progress, heartbeats,
+DONE and stage records, the prepared data's records) is written to a temporary name in its
+own directory and renamed over the final name, so a writer killed at any point leaves at
+most a hidden temporary file behind.
 """
 from __future__ import annotations
 
