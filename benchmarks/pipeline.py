@@ -400,8 +400,7 @@ def main(argv=None) -> int:
                    if rc == 0 else None)
         if figures is None:
             failed.append((mode, seed))
-            tail = (run_dir / "launcher.log").read_text(errors="replace").splitlines()[-15:]
-            progress.say(f"FAILED {mode} seed {seed} after {ended - started:.0f} s (exit {rc}):\n  " + "\n  ".join(tail))
+            progress.failed(f"{mode} seed {seed}", ended - started, f"exit {rc}", run_dir)
             continue
         rec = {"mode": mode, "seed": seed, "overrides": overrides, "code": code, "run_dir":
                str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir), **figures,
@@ -415,9 +414,7 @@ def main(argv=None) -> int:
                      f"{rec['peak_logit_bytes'] / 2**20:.2f} MiB, F1 {rec['f1']:.1f}; {len(todo)} to do "
                      f"({progress.estimate(todo)})")
     publish(args, records, settings)
-    if failed:
-        progress.say(f"{len(failed)} run(s) failed: {', '.join(f'{m} seed {s}' for m, s in failed)}")
-    return 1 if failed else 0
+    return progress.finish(failed)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ _spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmar
 quality = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = quality  # dataclasses look their module up there
 _spec.loader.exec_module(quality)
+orderings = quality.orderings
 
 
 def section(f1: dict[str, float], p_t_alone: dict | None = None) -> dict:
@@ -109,6 +110,38 @@ def test_aggregate_mean_and_sample_std_over_seeds_and_the_table(tmp_path):
     assert "| zero_shot | model_zero_shot | 1 | 9.0 | 1.0 | 5.0 | 3.0 | 3.0 |" in lines
     # controls first, then the LBMRC rows
     assert table.index("| zero_shot |") < table.index("| lbmrc_imp |")
+
+
+def test_orderings_pair_seeds_read_the_claimed_column_and_judge_against_the_spread():
+    # XLT = mean of en and es. LBMRC: 24, 25, 26; mixMRC 12, 13, 14: +12 each seed, spread 1.
+    imp = [{"en": 24.0, "es": 24.0}, {"en": 25.0, "es": 25.0}, {"en": 26.0, "es": 26.0}]
+    rows = {"mixmrc": ("model_mixmrc", [{"en": 12.0, "es": 12.0}, {"en": 13.0, "es": 13.0}, {"en": 14.0, "es": 14.0}]),
+            "lbmrc_kd0": ("student", [{"en": 25.0, "es": 25.0}, {"en": 24.0, "es": 24.0}, {"en": 26.5, "es": 26.5}]),
+            # without es: worse XLT, but *better* es F1 on every seed by 5 (the es column is read, not XLT)
+            "lbmrc_wo_es": ("student", [{"en": 10.0, "es": 29.0}, {"en": 10.0, "es": 30.0}, {"en": 10.0, "es": 31.0}])}
+    records = {}
+    for seed in range(3):
+        records["lbmrc_imp", seed] = record("lbmrc_imp", seed, {"student": section(imp[seed])})
+        for row, (model, scores) in rows.items():
+            records[row, seed] = record(row, seed, {model: section(scores[seed])})
+    records["zero_shot", 1] = record("zero_shot", 1, {"model_zero_shot": section({"en": 3.0, "es": 5.0})})
+    q = quality.aggregate(records, list(quality.ROWS))
+    found = {r["claim"]: r for r in orderings.orderings(q, "test")}
+
+    assert set(found) == {"LBMRC > mixMRC", "mixMRC > zero-shot", "LBMRC > its student with lambda_kd = 0",
+                          "the es teacher helps es"}, "claims without both lines are left out"
+    mix = found["LBMRC > mixMRC"]
+    assert mix["diffs"] == [12.0, 12.0, 12.0] and mix["spread"] == pytest.approx(1.0) and mix["verdict"] == "holds"
+    kd0 = found["LBMRC > its student with lambda_kd = 0"]
+    assert kd0["diffs"] == [-1.0, 1.0, -0.5] and kd0["verdict"] == "within spread"
+    wo_es = found["the es teacher helps es"]
+    assert wo_es["column"] == "es" and wo_es["diffs"] == [-5.0, -5.0, -5.0] and wo_es["verdict"] == "reversed"
+    zero = found["mixMRC > zero-shot"]  # paired on seed 1 only: mixMRC 13 against zero-shot's XLT 4
+    assert zero["seeds"] == ["1"] and zero["diffs"] == [9.0] and zero["verdict"] == "1 seed"
+
+    table = orderings.markdown(list(found.values()), "test")
+    assert "| LBMRC > mixMRC | XLT | `lbmrc_imp/student` 25.0 | `mixmrc/model_mixmrc` 13.0 | +12.0, +12.0, +12.0 " \
+           "| +12.0 | 1.0 | holds |" in table.splitlines()
 
 
 def test_results_section_replaces_its_own_block_only(tmp_path):
