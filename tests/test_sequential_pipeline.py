@@ -141,7 +141,7 @@ def test_the_balanced_schedule_is_the_default_plan():
     (["plan.teacher_schedule=sequential", "plan.producers=dedicated"],
      "plan.teacher_schedule sequential produces every teacher's logits on every rank: it needs plan.producers "
      "auto or shared"),
-    (["distill.precompute=true"], "distill.precompute keeps every shard of D for every epoch: it needs "
+    (["distill.precompute=true", "distill.store_mode=window"], "distill.precompute keeps every shard of D for every epoch: it needs "
                                   "distill.store_mode cache (got 'window')"),
     (["distill.precompute=true", "distill.store_mode=cache", "strategy.name=skd"],
      "distill.precompute applies to strategy lbmrc's teacher logits, not to 'skd'"),
