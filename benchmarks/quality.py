@@ -116,18 +116,21 @@ def minilm_path() -> str:
 # XQuAD's passages are long for this vocabulary (about 460 tokens of windows a question at
 # L = 192, 256 or 384 alike, measured on train articles 0-3 in en/es/de/vi), so L = 384 costs
 # no more than a shorter window and holds a whole passage in 1.2 windows a question instead of
-# 2.1-2.4. Training costs about 2 ms of one core a token there, a forward about a third. The
-# split is cut to train articles 0-3 (135 questions a language), dev 28-29, test 32-35 in
+# 2.1-2.4. The split is cut to train articles 0-3 (135 questions a language), dev 28-29, test 32-35 in
 # en/es/de and vi (99 questions a language, every question x passage pair: 16 pairs). ar and
 # hi are left out on CPU: their scripts fall outside the vocabulary (split into single
 # characters, 3-3.5x the English passage's tokens, 4% [UNK] in hi), so they would cost most of
 # the evaluation for scores an English-vocabulary model cannot earn; vi (Latin script, accents
 # stripped by the uncased vocabulary) stays as the zero-shot language. Batch 8 a rank (16 a
 # step) and lr 1e-4, so the small sets still give the models tens of steps; the student reads
-# cached logits (store_mode cache) rather than recomputing them each epoch. Even so an LBMRC
-# row is about 6,300 core-seconds by the figures above (its student over the 9 x 135 pairs of
-# D 35%, the 4 models' test matrices 30%, the teachers' logits over D 17%, the teachers 12%):
-# about 50 minutes on 2 cores, and the minimum set of rows about 5 hours.
+# cached logits (store_mode cache) rather than recomputing them each epoch. Measured on the
+# idle 2-core VM (zero-shot row, seed 0: 234 s): 2 training epochs over 135 questions took
+# about 50 s (0.37 core-seconds a question-epoch), scoring one model on the 16 x 99 test pairs
+# about 180 s. So an LBMRC row (3 teachers, their logits over the 9 x 135 pairs of D, the
+# student, 4 models scored) is about half an hour, and the minimum set of rows about
+# 3.5 hours. And 135 questions a language are too few for this encoder to learn the task
+# (zero-shot en F1 6.1): an informative table needs the whole train split (725 questions a
+# language, about 5x the training time) or a GPU (--scale gpu).
 PROFILES = {
     ("demo", "cpu"): lambda: [],
     ("demo", "gpu"): lambda: [],
