@@ -62,8 +62,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.quality import (RESULTS_MD, ROOT, Progress, code_version, collect, run_trainer,  # noqa: E402
-                                trainer_command, write_atomic, write_section)
+from benchmarks.quality import (RESULTS_MD, ROOT, Progress, code_version, collect, load_records,  # noqa: E402
+                                run_trainer, trainer_command, write_atomic, write_section)
 from dist_xqa.config import load_config  # noqa: E402
 from dist_xqa.disk import directory_bytes  # noqa: E402
 
@@ -194,14 +194,6 @@ def precomputed(mode: str) -> bool:
 
 def record_path(out: Path, mode: str, seed: int) -> Path:
     return out / "records" / f"{mode}.seed{seed}.json"
-
-
-def load_records(out: Path) -> dict[tuple[str, int], dict]:
-    records = {}
-    for path in sorted((out / "records").glob("*.json")):
-        rec = json.loads(path.read_text())
-        records[rec["mode"], rec["seed"]] = rec
-    return records
 
 
 FIGURES = ("wall_s", "total_s", "cpu_s", "teachers_s", "first_student_step_s", "precompute_s", "peak_logit_bytes",
@@ -366,7 +358,7 @@ def main(argv=None) -> int:
                 "description": f"{describe(args, common)} Each rank runs OMP_NUM_THREADS={threads} intra-op thread(s)."}
     args.out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    records = load_records(args.out)
+    records = load_records(args.out, key="mode")
     progress = Progress(work, records)
     todo = [(mode, seed) for seed in seeds for mode in MODES if (mode, seed) not in records]
     progress.say(f"{settings['description']}\n{len(records)} run(s) done, {len(todo)} to do "

@@ -131,18 +131,30 @@ def minilm_path() -> str:
 # 3.5 hours. And 135 questions a language are too few for this encoder to learn the task
 # (zero-shot en F1 6.1): an informative table needs the whole train split (725 questions a
 # language, about 5x the training time) or a GPU (--scale gpu).
+# {xquad} and {minilm} stand for this machine's paths (MACHINE_PATHS): records and tables keep
+# the placeholders, so they hold no machine's paths and match a rerun on another machine.
 PROFILES = {
-    ("demo", "cpu"): lambda: [],
-    ("demo", "gpu"): lambda: [],
-    ("xquad", "cpu"): lambda: [f"data.train.folder={xquad_folder()}", f"data.test.0.folder={xquad_folder()}",
-                               f"model.name={minilm_path()}", "model.max_length=384", "model.doc_stride=128",
-                               "data.train.split.train=[0,4]", "data.train.split.dev=[28,30]",
-                               "data.test.0.articles=[32,36]", "data.test.0.languages=[en,es,de,vi]",
-                               "teacher.epochs=2", "student.epochs=2", "teacher.lr=1e-4", "student.lr=1e-4",
-                               "teacher.micro_batch_size=8", "student.micro_batch_size=8",
-                               "distill.store_mode=cache", "checkpoint.every=50"],
-    ("xquad", "gpu"): lambda: [f"data.train.folder={xquad_folder()}", f"data.test.0.folder={xquad_folder()}"],
+    ("xquad", "cpu"): ["data.train.folder={xquad}", "data.test.0.folder={xquad}",
+                      "model.name={minilm}", "model.max_length=384", "model.doc_stride=128",
+                      "data.train.split.train=[0,4]", "data.train.split.dev=[28,30]",
+                      "data.test.0.articles=[32,36]", "data.test.0.languages=[en,es,de,vi]",
+                      "teacher.epochs=2", "student.epochs=2", "teacher.lr=1e-4", "student.lr=1e-4",
+                      "teacher.micro_batch_size=8", "student.micro_batch_size=8",
+                      "distill.store_mode=cache", "checkpoint.every=50"],
+    ("xquad", "gpu"): ["data.train.folder={xquad}", "data.test.0.folder={xquad}"],
 }
+MACHINE_PATHS = {"{xquad}": xquad_folder, "{minilm}": minilm_path}
+
+
+def resolve(overrides: list[str]) -> list[str]:
+    """The overrides with this machine's paths in place of their placeholders."""
+    out = []
+    for item in overrides:
+        for token, path in MACHINE_PATHS.items():
+            if token in item:
+                item = item.replace(token, path())
+        out.append(item)
+    return out
 
 
 # --------------------------------------------------------------------------- results on disk
@@ -155,7 +167,8 @@ def collect(run_dir: Path, test_sets: list[str]) -> dict | None:
     scored with translate-test adds `<model>_p_T_alone` (the target side alone)."""
     summary_path = run_dir / "eval" / "summary.json"
     try:
-        summary = json.loads(summary_path.read_text())
+        # files of the run (an X-STA oracle translation) recorded relative to it: no machine's paths
+        summary = json.loads(summary_path.read_text().replace(f"{run_dir}/", ""))
     except (OSError, ValueError):
         return None
     done = list(run_dir.glob("teachers/*/DONE.json")) + list(run_dir.glob("models/*/DONE.json"))
@@ -201,11 +214,12 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def load_records(out: Path) -> dict[tuple[str, int], dict]:
+def load_records(out: Path, key: str = "row") -> dict[tuple[str, int], dict]:
+    """OUT/records/*.json by (record[key], seed): a row here, a mode in benchmarks/pipeline.py."""
     records = {}
     for path in sorted((out / "records").glob("*.json")):
         rec = json.loads(path.read_text())
-        records[rec["row"], rec["seed"]] = rec
+        records[rec[key], rec["seed"]] = rec
     return records
 
 
@@ -473,20 +487,20 @@ def main(argv=None) -> int:
     args.out = args.out.resolve()
     work = (args.work or ROOT / "runs" / args.out.name).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    profile = PROFILES.get((args.config.stem, args.scale), lambda: [])()
+    profile = PROFILES.get((args.config.stem, args.scale), [])
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = select_rows(args.rows)
     configs, skipped = {}, {}
     for name in rows:  # every row's config is checked before anything runs
         overrides = profile + list(ROWS[name].overrides)
         try:
-            configs[name] = (overrides, load_config(args.config, overrides))
+            configs[name] = (overrides, load_config(args.config, resolve(overrides)))
         except ConfigError as err:
             skipped[name] = str(err)
     records = load_records(args.out)
     work.mkdir(parents=True, exist_ok=True)
     progress = Progress(work, records)  # machine-specific lines stay beside the runs
-    budget = describe_budget(load_config(args.config, profile), args)
+    budget = describe_budget(load_config(args.config, resolve(profile)), args)
     progress.say(budget)
     for name, why in skipped.items():
         progress.say(f"skipping row {name}: the trainer refuses its config: {why}")
@@ -495,7 +509,7 @@ def main(argv=None) -> int:
     for seed in seeds:
         for name in configs:
             rec = records.get((name, seed))
-            if rec is not None and rec["overrides"] != configs[name][0]:
+            if rec is not None and rec["overrides"] != configs[name][0] and not args.table_only:
                 progress.say(f"{name} seed {seed}: the row's overrides changed since it ran; running it again")
                 shutil.rmtree(work / f"seed{seed}" / name, ignore_errors=True)
                 record_path(args.out, name, seed).unlink()
@@ -517,7 +531,7 @@ def main(argv=None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         row = ROWS[name]
         reused = reuse(work / f"seed{seed}" / row.reuse_from, run_dir, cfg) if row.reuse_from else []
-        cmd = trainer_command(args, overrides + [f"seed={seed}"], run_dir)
+        cmd = trainer_command(args, resolve(overrides) + [f"seed={seed}"], run_dir)
         progress.say(f"start {name} seed {seed}" + (f" (reusing {', '.join(reused)} of {row.reuse_from})"
                                                     if reused else "") + f": {' '.join(cmd)}")
         code = code_version()

@@ -118,7 +118,7 @@ def test_the_table_goes_between_its_markers_and_a_rerun_replaces_it(tmp_path):
         path.write_text(json.dumps(record(mode, seed, 1000 if mode == "sequential" else 700, 10_000 if
                                           mode == "sequential" else 500, 200 if mode == "sequential" else 5,
                                           180 if mode == "sequential" else None, 19.0)))
-    records = pipeline.load_records(out)
+    records = pipeline.load_records(out, key="mode")
     pipeline.publish(args, records, settings)
     pipeline.publish(args, records, settings)  # once more: the section is replaced, not appended
     text = results_md.read_text()

@@ -77,6 +77,14 @@ def test_collect_adds_xsta_target_side_alone(tmp_path):
     assert models["student_p_T_alone"]["test_sets"]["test"]["per_language"]["de"]["f1"] == 15.0
 
 
+def test_collect_records_the_runs_own_files_relative_to_it(tmp_path):
+    sec = section({"en": 30.0})
+    sec["inference"] = {"oracle_translation": f"{tmp_path}/data/demo.en.json"}
+    finished_run(tmp_path, {"student": sec})
+    models = quality.collect(tmp_path, ["test"])["models"]
+    assert models["student"]["test_sets"]["test"]["inference"]["oracle_translation"] == "data/demo.en.json"
+
+
 def record(row: str, seed: int, models: dict, reused=()) -> dict:
     r = quality.ROWS[row]
     return {"row": row, "seed": seed, "label": r.label, "group": r.group, "overrides": list(r.overrides),
@@ -142,6 +150,15 @@ def test_orderings_pair_seeds_read_the_claimed_column_and_judge_against_the_spre
     table = orderings.markdown(list(found.values()), "test")
     assert "| LBMRC > mixMRC | XLT | `lbmrc_imp/student` 25.0 | `mixmrc/model_mixmrc` 13.0 | +12.0, +12.0, +12.0 " \
            "| +12.0 | 1.0 | holds |" in table.splitlines()
+
+
+def test_profiles_keep_placeholders_that_resolve_to_this_machines_paths(monkeypatch):
+    monkeypatch.setenv("DIST_XQA_XQUAD", "/data/xq")
+    profile = quality.PROFILES["xquad", "cpu"]
+    assert "data.train.folder={xquad}" in profile and "model.name={minilm}" in profile
+    assert not any("=/" in item for item in profile), "no machine path in what records keep"
+    resolved = quality.resolve(["data.train.folder={xquad}", "data.test.0.folder={xquad}", "seed=1"])
+    assert resolved == ["data.train.folder=/data/xq", "data.test.0.folder=/data/xq", "seed=1"]
 
 
 def test_results_section_replaces_its_own_block_only(tmp_path):
