@@ -556,6 +556,47 @@ def test_resumed_student_finds_every_shard_from_its_checkpoint_on(tmp_path):
     assert got == [plan.features(s) for s in plan.order(0)[3:]]
 
 
+@pytest.mark.parametrize("before, after", [("window", "cache"), ("cache", "window")])
+def test_a_student_resumed_under_the_other_store_mode_reads_every_row(tmp_path, before, after):
+    """distill.store_mode changes how a run goes, not what it computes (stages.OPERATIONAL),
+    so a student stopped in one mode may resume in the other. Fresh producers then fill
+    whatever the new mode's window lacks: every row is read right, cache mode computes no
+    shard twice after the switch, and window mode is back within its bound."""
+    plan = ShardPlan(range(40), shard_size=4, seed=1)
+    lookahead, epochs, stop_at = 3, 2, 6  # stopped (and checkpointed) at position 6 of epoch 0
+    manifest = make_manifest(plan)
+
+    def read(mode: str, start: int, stop: int) -> list[CountingCompute]:
+        computes = [CountingCompute(k) for k in range(len(TEACHERS))]
+        producers = [Producer(tmp_path, t, plan, c, lookahead, epochs, manifest=manifest)
+                     for t, c in zip(TEACHERS, computes)]
+        step_all = lambda: sum(p.step() for p in producers if not p.finished) > 0  # noqa: E731
+        reader = StoreReader(tmp_path, list(TEACHERS), plan, manifest, 5.0, mode, lookahead=lookahead)
+        for index in range(start, stop):
+            epoch, position = plan.locate(index)
+            ids, start_logits, end_logits = reader.get(epoch, position, while_waiting=step_all)
+            while step_all():
+                pass
+            assert ids.tolist() == plan.features(plan.order(epoch)[position])
+            for k in range(len(TEACHERS)):
+                assert torch.equal(start_logits[k].float(), toy_logits(k, ids.tolist())[0]), (mode, index, k)
+            reader.commit_progress(epoch, position + 1)
+            if mode == "window":
+                for teacher in TEACHERS:
+                    assert set(list_shards(tmp_path / teacher)) <= needed_shards(plan, index + 1, index + 1, lookahead)
+        return computes
+
+    read(before, 0, stop_at)
+    resumed = read(after, stop_at, epochs * len(plan))
+    if after == "cache":
+        for compute in resumed:
+            computed = [tuple(ids) for ids in compute.calls]
+            assert len(computed) == len(set(computed)), "a shard computed twice after the switch to cache mode"
+        assert all(len(list_shards(tmp_path / t)) == len(plan) for t in TEACHERS)
+    else:  # the shards cache mode kept are reused where the window reaches them, not recomputed
+        assert all(len(c.calls) < (epochs * len(plan)) - stop_at for c in resumed)
+
+
 def test_several_producers_of_one_teacher_split_its_shards(tmp_path):
     """Two producer ranks of one teacher write disjoint shards (alternate run-wide
     indices) that together are every shard the student reads, each once per epoch."""
