@@ -8,9 +8,14 @@ options differing (MODES).
   on every rank, one after another; in phase 2 every rank produces part of every teacher's
   logits), `distill.precompute=true` with `distill.store_mode=cache` (all K x |D| logits
   written to disk before the student's first step, read from there in every epoch);
-- streamed (this project's): the config's own settings: teachers concurrent in role groups
+- streamed (this project's): teachers concurrent in role groups
   (`plan.teacher_schedule=balanced`), logits written a bounded look-ahead ahead of the
-  student (`distill.store_mode=window`, produced again each epoch).
+  student (`distill.store_mode=window`, produced again each epoch): the least disk;
+- streamed_cache: the same, but each shard is kept for the later epochs once written
+  (`distill.store_mode=cache`, the demo's setting): one teacher forward per row, as the
+  precompute, and the disk of the whole of D by the end of the first epoch.
+
+Each streamed pipeline is compared with the sequential one (BASELINE) seed by seed.
 
 Both get `teacher.global_batch_size` fixed (COMMON), so that a teacher's optimizer steps
 are the same whether its group has one rank or all of them: the two pipelines then train
@@ -21,9 +26,9 @@ sets it): with torch's default, each rank as many threads as the machine has cor
 one-rank teacher group of the balanced plan trained 5-7x slower per sample than a two-rank
 group on a loaded 2-core machine, which would have measured the threads, not the pipelines.
 
-Runs go seed by seed, the two modes interleaved (sequential seed 0, streamed seed 0,
-sequential seed 1, ...), so that the load of the shared machine falls on both alike; the
-ratios are taken per seed. Each run is launched as quality.py launches its rows
+Runs go seed by seed, the modes interleaved (sequential seed 0, streamed seed 0,
+streamed_cache seed 0, sequential seed 1, ...), so that the load of the shared machine
+falls on all alike; the ratios are taken per seed. `--modes` runs some of them. Each run is launched as quality.py launches its rows
 (trainer_command, run_trainer) into WORK/seed<s>/<mode>; a finished run leaves
 OUT/records/<mode>.seed<s>.json and is skipped by a rerun; an unfinished one is started
 afresh (a resumed run's times would mean nothing).
@@ -70,7 +75,10 @@ from dist_xqa.disk import directory_bytes  # noqa: E402
 MODES = {
     "sequential": ("plan.teacher_schedule=sequential", "distill.precompute=true", "distill.store_mode=cache"),
     "streamed": ("plan.teacher_schedule=balanced", "distill.store_mode=window"),
+    "streamed_cache": ("plan.teacher_schedule=balanced", "distill.store_mode=cache"),
 }
+BASELINE = "sequential"
+STREAMED = tuple(mode for mode in MODES if mode != BASELINE)
 COMMON = ("teacher.global_batch_size=16",)  # the demo's one-rank teacher batch, whatever the group
 POLL_S = 0.2
 REPORT_EVERY_S = 60.0
@@ -202,8 +210,9 @@ FIGURES = ("wall_s", "total_s", "cpu_s", "teachers_s", "first_student_step_s", "
 
 def aggregate(records: dict[tuple[str, int], dict]) -> dict:
     """pipeline.json's figures: per mode, each figure as a list over its finished seeds (in
-    seed order, `seeds` says which); per seed with both modes, the ratios the targets are
-    about, and whether each target is met on every such seed."""
+    seed order, `seeds` says which); per streamed mode, on each seed it shares with the
+    sequential baseline, the ratios the targets are about (`ratios[mode]`), and whether each
+    target is met on every such seed (`targets[mode]`)."""
     result: dict = {}
     for mode in MODES:
         runs = sorted((seed, rec) for (m, seed), rec in records.items() if m == mode)
@@ -211,26 +220,26 @@ def aggregate(records: dict[tuple[str, int], dict]) -> dict:
         result[mode] = {"seeds": [seed for seed, _ in runs], **{k: [rec.get(k) for _, rec in runs] for k in figures},
                         "teachers_f1": [rec["teachers_f1"] for _, rec in runs],
                         "load_1min": [rec["load_1min"] for _, rec in runs]}
-    paired = sorted(seed for (m, seed) in records if m == "sequential" and ("streamed", seed) in records)
-    ratios = {"seeds": paired, "wall": [], "cpu": [], "peak_logit_bytes": [], "first_step_over_precompute": [],
-              "f1_diff": []}
-    for seed in paired:
-        seq, stream = records["sequential", seed], records["streamed", seed]
-        ratios["wall"].append(round(stream["wall_s"] / seq["wall_s"], 3))
-        ratios["cpu"].append(round(stream["cpu_s"] / seq["cpu_s"], 3) if seq.get("cpu_s") and stream.get("cpu_s")
-                             else None)  # records made before CPU time was measured have none
-        ratios["peak_logit_bytes"].append(round(stream["peak_logit_bytes"] / seq["peak_logit_bytes"], 4)
-                                          if seq["peak_logit_bytes"] else None)
-        ratios["first_step_over_precompute"].append(round(stream["first_student_step_s"] / seq["precompute_s"], 3)
-                                                    if seq["precompute_s"] else None)
-        ratios["f1_diff"].append(round(stream["f1"] - seq["f1"], 2))
-    result["ratios"] = ratios
-    result["targets"] = {
-        name: {"max": limit, "met": all(v is not None and v <= limit for v in ratios[key]) if paired else None}
-        for name, key, limit in (("wall", "wall", TARGETS["wall_ratio_max"]),
-                                 ("peak_logit_bytes", "peak_logit_bytes", TARGETS["peak_logit_ratio_max"]),
-                                 ("first_step_over_precompute", "first_step_over_precompute",
-                                  TARGETS["first_step_over_precompute_max"]))}
+    result["ratios"], result["targets"] = {}, {}
+    for mode in STREAMED:
+        paired = sorted(seed for (m, seed) in records if m == BASELINE and (mode, seed) in records)
+        ratios = {"seeds": paired, "wall": [], "cpu": [], "peak_logit_bytes": [], "first_step_over_precompute": [],
+                  "f1_diff": []}
+        for seed in paired:
+            seq, stream = records[BASELINE, seed], records[mode, seed]
+            ratios["wall"].append(round(stream["wall_s"] / seq["wall_s"], 3))
+            ratios["cpu"].append(round(stream["cpu_s"] / seq["cpu_s"], 3) if seq.get("cpu_s") and stream.get("cpu_s")
+                                 else None)  # records made before CPU time was measured have none
+            ratios["peak_logit_bytes"].append(round(stream["peak_logit_bytes"] / seq["peak_logit_bytes"], 4)
+                                              if seq["peak_logit_bytes"] else None)
+            ratios["first_step_over_precompute"].append(
+                round(stream["first_student_step_s"] / seq["precompute_s"], 3) if seq["precompute_s"] else None)
+            ratios["f1_diff"].append(round(stream["f1"] - seq["f1"], 2))
+        result["ratios"][mode] = ratios
+        result["targets"][mode] = {
+            name: {"max": limit, "met": all(v is not None and v <= limit for v in ratios[name]) if paired else None}
+            for name, limit in (("wall", TARGETS["wall_ratio_max"]), ("peak_logit_bytes", TARGETS["peak_logit_ratio_max"]),
+                                ("first_step_over_precompute", TARGETS["first_step_over_precompute_max"]))}
     return result
 
 
@@ -249,7 +258,7 @@ def markdown(result: dict) -> str:
     head = ["seed", "pipeline", "wall to student (s)", "total (s)", "CPU (s)", "teachers (s)", "first student step (s)",
             "precompute (s)", "peak logits (MiB)", "student samples/s", "student XLT F1", "load (mean/max)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    seeds = sorted(set(result["sequential"]["seeds"]) | set(result["streamed"]["seeds"]))
+    seeds = sorted({seed for mode in MODES for seed in result[mode]["seeds"]})
     for seed in seeds:
         for mode in MODES:
             m = result[mode]
@@ -266,22 +275,23 @@ def markdown(result: dict) -> str:
                      "-" if m["samples_per_s"][i] is None else f"{m['samples_per_s'][i]:.1f}",
                      f"{m['f1'][i]:.1f}", "-" if load is None else f"{load['mean']:.1f}/{load['max']:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
-    r, t = result["ratios"], result["targets"]
     verdict = {True: "met", False: "**missed**", None: "not measured"}
-    lines += ["", f"Streamed against sequential, per seed ({', '.join(map(str, r['seeds'])) or 'none yet'}):", "",
-              "| figure | per seed | mean ± std | target | |", "|---|---|---|---|---|",
-              f"| wall to a trained student, streamed / sequential | {_list(r['wall'])} | {_mean_std(r['wall'])} "
-              f"| ≤ {t['wall']['max']} | {verdict[t['wall']['met']]} |",
-              f"| CPU time of the whole run (launcher and ranks), streamed / sequential | {_list(r['cpu'])} | "
-              f"{_mean_std(r['cpu'])} | (wall's check on a loaded machine) | |",
-              f"| peak logit bytes, streamed / sequential | {_list(r['peak_logit_bytes'])} | "
-              f"{_mean_std(r['peak_logit_bytes'])} | ≤ {t['peak_logit_bytes']['max']} | "
-              f"{verdict[t['peak_logit_bytes']['met']]} |",
-              f"| streamed first student step / sequential precompute time | {_list(r['first_step_over_precompute'])} "
-              f"| {_mean_std(r['first_step_over_precompute'])} | ≤ {t['first_step_over_precompute']['max']} | "
-              f"{verdict[t['first_step_over_precompute']['met']]} |",
-              f"| student XLT F1, streamed - sequential | {_list(r['f1_diff'])} | {_mean_std(r['f1_diff'])} "
-              f"| within seed noise | |"]
+    compared = [mode for mode in STREAMED if result["ratios"][mode]["seeds"]]
+    if missing := [mode for mode in STREAMED if mode not in compared]:
+        lines += ["", f"Not compared yet (no seed with both runs): {', '.join(missing)}."]
+    lines += ["", "Each streamed pipeline against the sequential one, per seed:", "",
+              "| figure | pipeline | seeds | per seed | mean ± std | target | |", "|---|---|---|---|---|---|---|"]
+    notes = {"cpu": "(wall's check on a loaded machine)", "f1_diff": "within seed noise"}
+    for name, figure in (("wall", "wall to a trained student, streamed / sequential"),
+                         ("cpu", "CPU time of the whole run (launcher and ranks), streamed / sequential"),
+                         ("peak_logit_bytes", "peak logit bytes, streamed / sequential"),
+                         ("first_step_over_precompute", "streamed first student step / sequential precompute time"),
+                         ("f1_diff", "student XLT F1, streamed - sequential")):
+        for mode in compared:
+            r, t = result["ratios"][mode], result["targets"][mode].get(name)
+            goal, met = (f"≤ {t['max']}", verdict[t["met"]]) if t else (notes[name], "")
+            lines.append(f"| {figure} | {mode} | {', '.join(map(str, r['seeds']))} | {_list(r[name])} | "
+                         f"{_mean_std(r[name])} | {goal} | {met} |")
     return "\n".join(lines)
 
 
@@ -318,6 +328,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated pipelines to run ({', '.join(MODES)})")
     p.add_argument("--out", type=Path, required=True,
                    help="OUT.json (the figures), OUT/records/, OUT/table.md; OUT's name keys the RESULTS.md section")
     p.add_argument("--work", type=Path, help="run directories (default runs/<name of --out>, git-ignored)")
@@ -345,9 +356,12 @@ def main(argv=None) -> int:
     args.out = args.out.resolve()
     work = (args.work or ROOT / "runs" / args.out.name).resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := [m for m in modes if m not in MODES]:
+        raise SystemExit(f"pipeline: unknown mode(s) {', '.join(unknown)}; modes: {', '.join(MODES)}")
     common = list(COMMON) + args.overrides
-    for mode, options in MODES.items():  # both configs are checked before anything runs
-        load_config(args.config, common + list(options))
+    for mode in modes:  # every config is checked before anything runs
+        load_config(args.config, common + list(MODES[mode]))
     # One intra-op thread per core of a rank: more threads than cores make every torch op of a
     # rank wait for a descheduled sibling thread (a one-rank teacher group ran 5-7x slower per
     # sample with torch's default of one thread per core in each rank; RESULTS.md).
@@ -360,7 +374,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     records = load_records(args.out, key="mode")
     progress = Progress(work, records)
-    todo = [(mode, seed) for seed in seeds for mode in MODES if (mode, seed) not in records]
+    todo = [(mode, seed) for seed in seeds for mode in MODES if mode in modes and (mode, seed) not in records]
     progress.say(f"{settings['description']}\n{len(records)} run(s) done, {len(todo)} to do "
                  f"({progress.estimate(todo)}); runs under {work}")
     if args.table_only:
