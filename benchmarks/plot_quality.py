@@ -16,15 +16,22 @@ import json
 import math
 from pathlib import Path
 
-try:
-    import matplotlib
-except ImportError:  # an optional dependency of the benchmarks only
-    raise SystemExit("plot_quality: needs matplotlib: pip install matplotlib") from None
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
 
 BASELINES = (("zero_shot", "model_zero_shot", "zero-shot"), ("mixmrc", "model_mixmrc", "mixMRC"))
+
+
+def pyplot():
+    """matplotlib.pyplot, imported on first drawing: an optional dependency of the benchmarks
+    only, so the rest of this module loads without it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("plot_quality: needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def mean_matrix(row: dict, model: str, set_name: str) -> tuple[list[str], np.ndarray] | None:
@@ -40,8 +47,10 @@ def mean_matrix(row: dict, model: str, set_name: str) -> tuple[list[str], np.nda
 
 
 def best_student(rows: dict, set_name: str) -> tuple[str, str] | None:
-    """(row, model) of the student line with the highest mean XLT F1 on `set_name`."""
+    """(row, model) of the student line with the highest mean XLT F1 on `set_name`, among
+    the methods' rows: a control's student (lambda_kd = 0, the placebo) is no method's."""
     scored = [(stats[set_name]["xlt"]["f1"]["mean"], name, model) for name, row in rows.items()
+              if row.get("group") != "control"
               for model, stats in row["mean_std"].items()
               if model.startswith("student") and "xlt" in stats.get(set_name, {})]
     return max(scored)[1:] if scored else None
@@ -56,6 +65,7 @@ def heatmap(rows: dict, set_name: str, path: Path) -> bool:
     mats = [(title, m) for title, row, model in panels if (m := mean_matrix(rows[row], model, set_name))]
     if not mats:
         return False
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(mats), figsize=(4.2 * len(mats), 3.8), squeeze=False)
     vmax = max(np.nanmax(m) for _, (_, m) in mats)
     for ax, (title, (langs, m)) in zip(axes[0], mats):
@@ -81,6 +91,7 @@ def bars(rows: dict, set_name: str, path: Path) -> bool:
     if not lines:
         return False
     x = np.arange(len(lines))
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.62 * len(lines)), 4.2))
     for offset, key, label in ((-0.2, "xlt", "XLT F1"), (0.2, "g_xlt", "G-XLT F1")):
         cells = [s.get(key, {}).get("f1") for _, s in lines]
@@ -102,6 +113,7 @@ def main(argv=None) -> None:
     p.add_argument("quality", type=Path, help="quality.json of benchmarks/quality.py")
     p.add_argument("--out", type=Path, help="folder for the PNG files (default: beside quality.json)")
     args = p.parse_args(argv)
+    pyplot()  # says at once when matplotlib is missing
     rows = json.loads(args.quality.read_text())["rows"]
     out = args.out or args.quality.parent
     out.mkdir(parents=True, exist_ok=True)

@@ -120,6 +120,22 @@ def test_aggregate_mean_and_sample_std_over_seeds_and_the_table(tmp_path):
     assert table.index("| zero_shot |") < table.index("| lbmrc_imp |")
 
 
+def test_the_heatmaps_best_student_is_a_methods_not_a_controls():
+    _spec = importlib.util.spec_from_file_location("plot_quality", ROOT / "benchmarks" / "plot_quality.py")
+    plot = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(plot)  # no matplotlib needed to choose the panels
+    records = {("lbmrc_imp", 0): record("lbmrc_imp", 0, {"teacher_en": section({"en": 30.0, "es": 30.0}),
+                                                         "student": section({"en": 12.0, "es": 8.0})}),
+               ("lbmrc_hyper", 0): record("lbmrc_hyper", 0, {"student": section({"en": 11.0, "es": 7.0})}),
+               ("lbmrc_kd0", 0): record("lbmrc_kd0", 0, {"student": section({"en": 14.0, "es": 9.0})}),
+               ("xsta", 0): record("xsta", 0, {"student": section({"en": 8.0, "es": 8.0})})}
+    rows = quality.aggregate(records, list(quality.ROWS))["rows"]
+    # kd0 (a control) scores highest and a teacher higher still: neither is the best student
+    assert plot.best_student(rows, "test") == ("lbmrc_imp", "student")
+    del rows["lbmrc_imp"]
+    assert plot.best_student(rows, "test") == ("lbmrc_hyper", "student")
+
+
 def test_orderings_pair_seeds_read_the_claimed_column_and_judge_against_the_spread():
     # XLT = mean of en and es. LBMRC: 24, 25, 26; mixMRC 12, 13, 14: +12 each seed, spread 1.
     imp = [{"en": 24.0, "es": 24.0}, {"en": 25.0, "es": 25.0}, {"en": 26.0, "es": 26.0}]
