@@ -28,8 +28,9 @@ group on a loaded 2-core machine, which would have measured the threads, not the
 
 Runs go seed by seed, the modes interleaved (sequential seed 0, streamed seed 0,
 streamed_cache seed 0, sequential seed 1, ...), so that the load of the shared machine
-falls on all alike; the ratios are taken per seed. `--modes` runs some of them. Each run is launched as quality.py launches its rows
-(trainer_command, run_trainer) into WORK/seed<s>/<mode>; a finished run leaves
+falls on all alike; the ratios are taken per seed. `--modes` runs some of them. Each run is
+launched as quality.py launches its rows (trainer_command, run_trainer) into
+WORK/seed<s>/<mode>; a finished run leaves
 OUT/records/<mode>.seed<s>.json and is skipped by a rerun; an unfinished one is started
 afresh (a resumed run's times would mean nothing).
 
