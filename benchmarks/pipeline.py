@@ -374,6 +374,12 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     records = load_records(args.out, key="mode")
+    # A record made with other settings (--set, or MODES changed since) is no run of these:
+    # never paired with them, so OUT must be another folder.
+    if stale := sorted(f"{m}.seed{s}" for (m, s), rec in records.items()
+                       if rec["overrides"] != common + list(MODES[m]) + [f"seed={s}"]):
+        raise SystemExit(f"pipeline: {args.out / 'records'} holds runs made with other settings "
+                         f"({', '.join(stale)}); use another --out for these settings")
     progress = Progress(work, records)
     todo = [(mode, seed) for seed in seeds for mode in MODES if mode in modes and (mode, seed) not in records]
     progress.say(f"{settings['description']}\n{len(records)} run(s) done, {len(todo)} to do "

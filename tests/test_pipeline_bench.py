@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("pipeline_bench", ROOT / "benchmarks" / "pipeline.py")
 pipeline = importlib.util.module_from_spec(_spec)
@@ -147,3 +149,16 @@ def test_a_runs_cpu_time_counts_its_finished_child_processes():
     before = pipeline.children_cpu_s()
     subprocess.run([sys.executable, "-c", "sum(i * i for i in range(3_000_000))"], check=True)
     assert pipeline.children_cpu_s() - before > 0.05
+
+
+def test_a_rerun_refuses_records_made_with_other_settings(tmp_path):
+    out = tmp_path / "pipeline"
+    rec = {**record("streamed", 0, 700, 500, 5, None, 19.0),
+           "overrides": [*pipeline.COMMON, *pipeline.MODES["streamed"], "seed=0"]}
+    path = pipeline.record_path(out, "streamed", 0)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(rec))
+    args = ["--out", str(out), "--work", str(tmp_path / "work"), "--results-md", str(tmp_path / "R.md"), "--table-only"]
+    assert pipeline.main(args) == 0  # the same settings: the record counts
+    with pytest.raises(SystemExit, match="streamed.seed0"):
+        pipeline.main([*args, "--set", "data.demo_articles=480"])
