@@ -263,9 +263,9 @@ def segments(warmup: int, steps: int, block: int) -> list[tuple[range, bool]]:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     ctx = init_distributed()
+    if args.threads is not None:  # after init_distributed, which sets its own share of the cores
+        torch.set_num_threads(args.threads)
     device = ctx.device
     cuda = device.type == "cuda"
     world, rank = ctx.world_size, ctx.rank
