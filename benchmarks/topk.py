@@ -22,9 +22,13 @@ the positions mask and must take neither a slot nor mass. The student is the tea
 average plus noise (+-1.5), a student part-way through distillation. Contexts: CLS, a
 question of 8-31 tokens, a context to the end of the window (30 %) or shorter, padding.
 
-No student is trained and no F1 is measured (no CPU time for the sweep).
+`--store NAME=RUN_DIR` adds a regime of real logits: the dense cache-mode store a finished
+run left in RUN_DIR/logits (its first shards, up to `--store-features` rows per teacher),
+with the answer-position masks of its prepared features and, as the student, the run's
+trained student's logits on the same rows. The student's F1 with a top-k store is measured
+by training: `benchmarks/quality.py --rows topk` (RESULTS.md).
 
-Run:   python benchmarks/topk.py [--features 2048] [--seq-len 384]
+Run:   python benchmarks/topk.py [--features 2048] [--seq-len 384] [--store demo=runs/.../lbmrc_imp]
 Writes benchmarks/results/topk.json and prints a table.
 """
 from __future__ import annotations
@@ -42,7 +46,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from dist_xqa import losses  # noqa: E402
-from dist_xqa.logits.shards import compress_topk, dense_logits, read_shard, write_shard  # noqa: E402
+from dist_xqa.inference import label_tensors, predict_logits  # noqa: E402
+from dist_xqa.logits.manifest import read_manifest  # noqa: E402
+from dist_xqa.logits.shards import LOGIT_DTYPES, compress_topk, dense_logits, list_shards, read_shard, write_shard  # noqa: E402
+from dist_xqa.models import load_trained  # noqa: E402
+from dist_xqa.prepare import DISTILL_SET, Prepared  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "topk.json"
@@ -59,7 +67,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=384, help="L")
     parser.add_argument("--teachers", type=int, default=3, help="K")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    parser.add_argument("--store", action="append", default=[], metavar="NAME=RUN_DIR",
+                        help="a regime of real logits: the dense logit store of a finished cache-mode run")
+    parser.add_argument("--store-features", type=int, default=1024,
+                        help="rows per teacher read from each --store (the student's forward over them is the cost)")
+    args = parser.parse_args(argv)
+    stores = {}
+    for spec in args.store:
+        name, sep, run_dir = spec.partition("=")
+        if not sep or not name or not run_dir:
+            parser.error(f"--store wants NAME=RUN_DIR, got {spec!r}")
+        stores[name] = Path(run_dir)
+    args.store = stores
+    return args
 
 
 def positions_mask(features: int, length: int, gen: torch.Generator) -> torch.Tensor:
@@ -116,6 +136,62 @@ def teacher_logits(mask: torch.Tensor, teachers: int, regime: str, gen: torch.Ge
     return torch.stack(out).masked_fill(question, 15.0)
 
 
+def store_regime(run_dir: Path, features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """Real logits from the dense store of a finished run: (mask [S, L], start and end
+    [K, S, L] float32, the run's trained student's logits [2S, L] (start rows, then end rows),
+    a description). Reads the store's shards in index order, the same rows for every teacher."""
+    store = run_dir / "logits"
+    manifest = read_manifest(store)
+    if manifest is None:
+        raise SystemExit(f"topk: {store} holds no logit store (no manifest.json): pass the run directory of a finished run")
+    if manifest.topk is not None:
+        raise SystemExit(f"topk: {store} is a top-{manifest.topk} store; the comparison needs a dense one")
+    teachers = sorted(manifest.teachers)
+    shards = {t: list_shards(store / t) for t in teachers}
+    common = sorted(set.intersection(*(set(found) for found in shards.values())))
+    ids, start, end = [], {t: [] for t in teachers}, {t: [] for t in teachers}
+    for index in common:
+        if len(ids) >= features:
+            break
+        data = {t: read_shard(shards[t][index], dtype=LOGIT_DTYPES[manifest.dtype], topk=None) for t in teachers}
+        shard_ids = data[teachers[0]].feature_ids.tolist()
+        if any(d.feature_ids.tolist() != shard_ids for d in data.values()):
+            raise SystemExit(f"topk: shard {index} of {store} holds different feature ids for different teachers")
+        ids += shard_ids
+        for t in teachers:
+            start[t].append(data[t].start.float())
+            end[t].append(data[t].end.float())
+    if not ids:
+        raise SystemExit(f"topk: {store} has no shard that every teacher ({', '.join(teachers)}) wrote")
+    ids = ids[:features]
+    prepared = Prepared(run_dir)
+    distill = prepared.features(DISTILL_SET)
+    row_of = {int(f): row for row, f in enumerate(distill["feature_id"])}
+    rows = [row_of[f] for f in ids]
+    mask = label_tensors(distill, rows, torch.device("cpu"))[0]
+    s_start, s_end = predict_logits(load_trained(run_dir / "student"), distill, 32, torch.device("cpu"), rows,
+                                    desc=f"student logits ({run_dir.name})")
+    student = torch.cat([torch.as_tensor(s_start), torch.as_tensor(s_end)]).float()
+    def stack(parts: dict) -> torch.Tensor:  # [K, S, L]
+        return torch.stack([torch.cat(parts[t])[: len(ids)] for t in teachers])
+
+    info = dict(run_dir=str(run_dir), teachers=teachers, features=len(ids), seq_len=mask.shape[1],
+                valid_positions_mean=mask.sum(-1).float().mean().item())
+    return mask, stack(start), stack(end), student, info
+
+
+def synthetic_regimes(args, gen: torch.Generator) -> dict:
+    """The two synthetic regimes (module docstring), on one set of masks."""
+    mask = positions_mask(args.features, args.seq_len, gen)
+    regimes = {}
+    for regime in ("trained", "weak"):
+        start, end = (teacher_logits(mask, args.teachers, regime, gen) for _ in range(2))
+        teachers_full = torch.cat([start, end], 1)
+        student = teachers_full.mean(0) + 1.5 * torch.randn(teachers_full.shape[1:], generator=gen)
+        regimes[regime] = (mask, start, end, student, dict(synthetic=regime))
+    return regimes
+
+
 def through_store(directory: Path, start: torch.Tensor, end: torch.Tensor, mask: torch.Tensor,
                   k: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Writes each teacher's shard (dense, or top-k) and reads it back as the student does:
@@ -169,33 +245,32 @@ def deviations(dense: dict, topk: dict, row_valid: torch.Tensor) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     gen = torch.Generator().manual_seed(args.seed)
-    features, length, k_teachers = args.features, args.seq_len, args.teachers
-    mask = positions_mask(features, length, gen)
-    rows_mask = torch.cat([mask, mask])  # start rows, then end rows, as student_loss stacks them
-    row_valid = rows_mask.any(-1)
+    regimes = synthetic_regimes(args, gen)
+    for name, run_dir in args.store.items():
+        regimes[f"store:{name}"] = store_regime(run_dir, args.store_features)
     report = dict(
         benchmark="topk",
         machine=f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
         torch=torch.__version__,
-        config=dict(features=features, seq_len=length, teachers=k_teachers, tau=TAU, imp_sign=-1.0,
+        config=dict(features=args.features, seq_len=args.seq_len, teachers=args.teachers, tau=TAU, imp_sign=-1.0,
                     logits_dtype="float16", seed=args.seed, ks=list(KS),
-                    valid_positions_mean=mask.sum(-1).float().mean().item()),
+                    valid_positions_mean=regimes["trained"][0].sum(-1).float().mean().item()),
         regimes={},
     )
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        for regime in ("trained", "weak"):
-            start, end = (teacher_logits(mask, k_teachers, regime, gen) for _ in range(2))
-            teachers_full = torch.cat([start, end], 1)
-            student = teachers_full.mean(0) + 1.5 * torch.randn(teachers_full.shape[1:], generator=gen)
+        for regime, (mask, start, end, student, info) in regimes.items():
+            k_teachers, features, length = start.shape
+            rows_mask = torch.cat([mask, mask])  # start rows, then end rows, as student_loss stacks them
+            row_valid = rows_mask.any(-1)
             d_start, d_end, dense_bytes = through_store(directory, start, end, mask, None)
             dense_teachers = torch.cat([d_start, d_end], 1)
             dense = {mode: kd(student, dense_teachers, rows_mask, mode) for mode in ("imp", "hyper")}
             dense_entropy = losses.masked_entropy(dense_teachers, rows_mask)
             probs = {tau: losses.masked_log_softmax(dense_teachers, rows_mask, tau).exp() for tau in (1.0, TAU)}
-            result = dict(dense=dict(bytes_per_feature=dense_bytes / (k_teachers * features),
-                                     kd_loss={mode: dense[mode]["loss"] for mode in dense},
-                                     teacher_entropy_mean=dense_entropy.mean().item()), k={})
+            result = dict(source=info, dense=dict(bytes_per_feature=dense_bytes / (k_teachers * features),
+                                                  kd_loss={mode: dense[mode]["loss"] for mode in dense},
+                                                  teacher_entropy_mean=dense_entropy.mean().item()), k={})
             for k in KS:
                 t_start, t_end, size = through_store(directory, start, end, mask, k)
                 top_teachers = torch.cat([t_start, t_end], 1)

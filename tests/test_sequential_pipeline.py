@@ -180,3 +180,38 @@ def test_the_sequential_pipeline_end_to_end_on_two_cpu_ranks(tmp_path):
     newest_shard = max(p.stat().st_mtime for files in shard_files.values() for p in files)
     assert newest_shard <= first_step, "the student's first step comes after the whole precompute"
     assert (run_dir / "student" / "DONE.json").exists()
+    check_topk_benchmark_reads_the_store(run_dir, tmp_path)
+
+
+def check_topk_benchmark_reads_the_store(run_dir: Path, tmp_path: Path) -> None:
+    """benchmarks/topk.py --store on this finished run: each stored row is the teacher's
+    logits on that row's feature (checked against the teacher's own forward), the masks
+    are those features' answer positions, and the report holds the store's regime."""
+    import importlib.util
+
+    import torch
+
+    from dist_xqa.inference import label_tensors, predict_logits
+    from dist_xqa.models import load_trained
+
+    spec = importlib.util.spec_from_file_location("topk_bench", Path(__file__).parents[1] / "benchmarks" / "topk.py")
+    topk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(topk)
+    mask, start, end, student, info = topk.store_regime(run_dir, 40)
+    assert info["teachers"] == sorted(TEACHERS) and info["features"] == 40
+    assert start.shape == end.shape == (len(TEACHERS), 40, mask.shape[1]) and student.shape == (80, mask.shape[1])
+    distill = Prepared(run_dir).features(DISTILL_SET)
+    row_of = {int(f): row for row, f in enumerate(distill["feature_id"])}
+    ids, shards = [], list_shards(run_dir / "logits" / "en")
+    for index in sorted(shards):
+        ids += topk.read_shard(shards[index]).feature_ids.tolist()
+    rows = [row_of[f] for f in ids[:40]]  # the store's first rows, in its order
+    assert torch.equal(mask, label_tensors(distill, rows, torch.device("cpu"))[0])
+    for t, teacher in enumerate(info["teachers"]):
+        t_start, t_end = predict_logits(load_trained(run_dir / "teachers" / teacher), distill, 16, torch.device("cpu"), rows)
+        torch.testing.assert_close(start[t][mask], torch.as_tensor(t_start)[mask], atol=0.05, rtol=0.01)
+        torch.testing.assert_close(end[t][mask], torch.as_tensor(t_end)[mask], atol=0.05, rtol=0.01)
+    report = topk.main(["--features", "64", "--seq-len", "96", "--store", f"run={run_dir}", "--store-features", "40",
+                        "--out", str(tmp_path / "topk.json")])
+    tv = {k: r["imp"]["target_tv_mean"] for k, r in report["regimes"]["store:run"]["k"].items()}
+    assert tv["8"] > tv["64"] >= 0, tv
