@@ -333,7 +333,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True,
                    help="OUT.json (the figures), OUT/records/, OUT/table.md; OUT's name keys the RESULTS.md section")
     p.add_argument("--work", type=Path, help="run directories (default runs/<name of --out>, git-ignored)")
-    p.add_argument("--ranks", type=int, default=2, help="CPU ranks (--num_gpus under DS_ACCELERATOR=cpu)")
+    p.add_argument("--ranks", type=int, default=2, help="ranks (--num_gpus): GPUs where CUDA is available, else CPU processes (DS_ACCELERATOR=cpu)")
     p.add_argument("--deepspeed", default="ds_configs/zero2.json")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for both pipelines (a larger scale: --set data.demo_articles=240)")
@@ -342,10 +342,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def describe(args, overrides: list[str]) -> str:
+def gpu_name() -> str | None:
+    """The GPU the ranks run on (one per rank), or None: CPU ranks under DS_ACCELERATOR=cpu."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def describe(args, overrides: list[str], gpu: str | None) -> str:
     cfg = load_config(args.config, overrides)
     t, s = cfg.teacher, cfg.student
-    return (f"`{args.config.name}` {' '.join(overrides)}, {args.ranks} CPU ranks, model `{cfg.model.name}` "
+    ranks = "CPU ranks" if gpu is None else f"GPU ranks ({gpu})"
+    return (f"`{args.config.name}` {' '.join(overrides)}, {args.ranks} {ranks}, model `{cfg.model.name}` "
             f"(L = {cfg.model.max_length}); teachers {', '.join(cfg.teacher_languages)}: {t.epochs} epochs; student "
             f"{s.epochs} epochs. Pipeline options: "
             + "; ".join(f"{mode}: {' '.join(opts)}" for mode, opts in MODES.items()) + ".")
@@ -367,10 +375,11 @@ def main(argv=None) -> int:
     # rank wait for a descheduled sibling thread (a one-rank teacher group ran 5-7x slower per
     # sample with torch's default of one thread per core in each rank; RESULTS.md).
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // args.ranks))
+    gpu = gpu_name()
     settings = {"config": str(args.config), "ranks": args.ranks, "deepspeed": args.deepspeed, "common": common,
-                "omp_num_threads": threads,
+                "omp_num_threads": threads, "gpu": gpu,
                 "modes": {mode: list(opts) for mode, opts in MODES.items()}, "seeds": seeds,
-                "description": f"{describe(args, common)} Each rank runs OMP_NUM_THREADS={threads} intra-op thread(s)."}
+                "description": f"{describe(args, common, gpu)} Each rank runs OMP_NUM_THREADS={threads} intra-op thread(s)."}
     args.out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     records = load_records(args.out, key="mode")
@@ -387,7 +396,7 @@ def main(argv=None) -> int:
     if args.table_only:
         publish(args, records, settings)
         return 0
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": settings["omp_num_threads"]}
+    env = {**os.environ, "OMP_NUM_THREADS": settings["omp_num_threads"], **({} if gpu else {"DS_ACCELERATOR": "cpu"})}
     failed = []
     while todo:
         mode, seed = todo.pop(0)
