@@ -10,6 +10,8 @@
 # Exit status 3 (nothing changed) where it cannot run: not root, or no apt-get. .ci/run
 # then skips the Slurm test with this script's message; anything else that fails is an error.
 set -euo pipefail
+# The daemons and runuser live in sbin, which a non-root or non-login shell's PATH may lack.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 NODE=$(hostname -s)
 CPUS=2  # the sbatch script's 2 tasks x 1 CPU
