@@ -48,9 +48,10 @@ def mean_matrix(row: dict, model: str, set_name: str) -> tuple[list[str], np.nda
 
 def best_student(rows: dict, set_name: str) -> tuple[str, str] | None:
     """(row, model) of the student line with the highest mean XLT F1 on `set_name`, among
-    the methods' rows: a control's student (lambda_kd = 0, the placebo) is no method's."""
+    the methods' rows: a control's student (lambda_kd = 0, the placebo) is no method's, and a
+    top-k store's is the method's with a storage option."""
     scored = [(stats[set_name]["xlt"]["f1"]["mean"], name, model) for name, row in rows.items()
-              if row.get("group") != "control"
+              if row.get("group") not in ("control", "topk")
               for model, stats in row["mean_std"].items()
               if model.startswith("student") and "xlt" in stats.get(set_name, {})]
     return max(scored)[1:] if scored else None
