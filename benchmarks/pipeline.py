@@ -386,7 +386,7 @@ def main(argv=None) -> int:
     # A record made with other settings (--set, or MODES changed since) is no run of these:
     # never paired with them, so OUT must be another folder.
     if stale := sorted(f"{m}.seed{s}" for (m, s), rec in records.items()
-                       if rec["overrides"] != common + list(MODES[m]) + [f"seed={s}"]):
+                       if rec["overrides"] != common + list(MODES.get(m, ("unknown mode",))) + [f"seed={s}"]):
         raise SystemExit(f"pipeline: {args.out / 'records'} holds runs made with other settings "
                          f"({', '.join(stale)}); use another --out for these settings")
     progress = Progress(work, records)

@@ -131,7 +131,8 @@ def minilm_path() -> str:
 # idle 2-core VM (zero-shot row, seed 0: 234 s): 2 training epochs over 135 questions took
 # about 50 s (0.37 core-seconds a question-epoch), scoring one model on the 16 x 99 test pairs
 # about 180 s. Measured since: an LBMRC row (3 teachers, their logits over the 9 x 135 pairs
-# of D, the student, 4 models scored) 27-30 min, the minimum set of rows about 3 hours. And 135 questions a language are too few for this encoder to learn the task
+# of D, the student, 4 models scored) 27-30 min, the minimum set of rows about 3 hours.
+# And 135 questions a language are too few for this encoder to learn the task
 # (zero-shot en F1 6.1): an informative table needs the whole train split (725 questions a
 # language, about 5x the training time) or a GPU (--scale gpu).
 # {xquad} and {minilm} stand for this machine's paths (MACHINE_PATHS): records and tables keep

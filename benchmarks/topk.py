@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from dist_xqa import losses  # noqa: E402
 from dist_xqa.inference import label_tensors, predict_logits  # noqa: E402
 from dist_xqa.logits.manifest import read_manifest  # noqa: E402
-from dist_xqa.logits.shards import LOGIT_DTYPES, compress_topk, dense_logits, list_shards, read_shard, write_shard  # noqa: E402
+from dist_xqa.logits.shards import compress_topk, dense_logits, list_shards, read_shard, write_shard  # noqa: E402
 from dist_xqa.models import load_trained  # noqa: E402
 from dist_xqa.prepare import DISTILL_SET, Prepared  # noqa: E402
 
@@ -153,7 +153,7 @@ def store_regime(run_dir: Path, features: int) -> tuple[torch.Tensor, torch.Tens
     for index in common:
         if len(ids) >= features:
             break
-        data = {t: read_shard(shards[t][index], dtype=LOGIT_DTYPES[manifest.dtype], topk=None) for t in teachers}
+        data = {t: read_shard(shards[t][index], dtype=manifest.torch_dtype, topk=None) for t in teachers}
         shard_ids = data[teachers[0]].feature_ids.tolist()
         if any(d.feature_ids.tolist() != shard_ids for d in data.values()):
             raise SystemExit(f"topk: shard {index} of {store} holds different feature ids for different teachers")
