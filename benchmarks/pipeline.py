@@ -68,10 +68,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.quality import (RESULTS_MD, ROOT, Progress, code_version, collect, load_records,  # noqa: E402
-                                run_trainer, trainer_command, write_atomic, write_section)
+from benchmarks.runs import (RESULTS_MD, ROOT, Launch, Progress, collect, load_records, run_queue,  # noqa: E402
+                             trainer_command, write_atomic, write_section)
 from dist_xqa.config import load_config  # noqa: E402
 from dist_xqa.disk import directory_bytes  # noqa: E402
+from dist_xqa.layout import STUDENT, RunLayout  # noqa: E402
 
 MODES = {
     "sequential": ("plan.teacher_schedule=sequential", "distill.precompute=true", "distill.store_mode=cache"),
@@ -106,7 +107,7 @@ class Sampler(threading.Thread):
         began = last_load = last_report = time.monotonic()
         self.loads.append(os.getloadavg()[0])
         while not self._stop_event.wait(POLL_S):
-            self.peak_logit_bytes = max(self.peak_logit_bytes, directory_bytes(self.run_dir / "logits"))
+            self.peak_logit_bytes = max(self.peak_logit_bytes, directory_bytes(RunLayout(self.run_dir).store))
             now = time.monotonic()
             if now - last_load >= LOAD_EVERY_S:
                 last_load = now
@@ -121,6 +122,22 @@ class Sampler(threading.Thread):
         self.join()
 
 
+class Watch:
+    """Around one trainer run: its wall-clock start and end, its CPU time and a Sampler."""
+
+    def __init__(self, run_dir: Path, say, label: str):
+        self.sampler = Sampler(run_dir, say, label)
+
+    def __enter__(self) -> Watch:
+        self.cpu_before, self.started = children_cpu_s(), time.time()
+        self.sampler.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.sampler.stop()
+        self.ended, self.cpu_s = time.time(), children_cpu_s() - self.cpu_before
+
+
 def children_cpu_s() -> float:
     """User + system CPU seconds of this process's finished children and their waited-for
     descendants (the launcher and its ranks): a run's CPU time, which a loaded machine
@@ -130,8 +147,9 @@ def children_cpu_s() -> float:
 
 
 def describe_state(run_dir: Path) -> str:
-    teachers = len(list(run_dir.glob("teachers/*/DONE.json")))
-    beat = run_dir / "heartbeats" / "student.0.json"
+    layout = RunLayout(run_dir)
+    teachers = sum(layout.done(d).exists() for d in layout.phase1_models())
+    beat = layout.heartbeat(STUDENT, 0)
     try:
         student = json.loads(beat.read_text())
         where = f"student step {student.get('step')} ({student.get('state')})"
@@ -169,15 +187,16 @@ def measure(run_dir: Path, started: float, ended: float, peak_logit_bytes: int, 
     """A finished run's figures (see the module docstring), or None when the run has no
     scored student. `started`, `ended`: wall-clock times (time.time()) of launch and exit;
     `precomputed`: the run precomputed its store (precompute_s means something)."""
+    layout = RunLayout(run_dir)
     scores = collect(run_dir, ["test"])
-    teacher_done = [p.stat().st_mtime for p in run_dir.glob("teachers/*/DONE.json")]
-    student_done = run_dir / "student" / "DONE.json"
-    first_step = first_scalar_time(run_dir / "tb" / "student")
-    if scores is None or "student" not in scores["models"] or not teacher_done or first_step is None:
+    teacher_done = [layout.done(d).stat().st_mtime for d in layout.phase1_models() if layout.done(d).exists()]
+    student_done = layout.done(layout.student)
+    first_step = first_scalar_time(layout.tb(STUDENT))
+    if scores is None or STUDENT not in scores["models"] or not teacher_done or first_step is None:
         return None
     teachers_done = max(teacher_done)
-    shards = [p.stat().st_mtime for p in (run_dir / "logits").glob("*/shard_*")]
-    speeds = [v for step, v in scalar_values(run_dir / "tb" / "student", "samples_per_second") if step > 0]
+    shards = [p.stat().st_mtime for p in layout.store.glob("*/shard_*")]
+    speeds = [v for step, v in scalar_values(layout.tb(STUDENT), "samples_per_second") if step > 0]
     xlt = {name: model["test_sets"]["test"]["xlt"]["f1"] for name, model in scores["models"].items()}
     return {
         "wall_s": round(student_done.stat().st_mtime - started, 1),
@@ -187,7 +206,7 @@ def measure(run_dir: Path, started: float, ended: float, peak_logit_bytes: int, 
         "precompute_s": round(max(shards) - teachers_done, 2) if shards and precomputed else None,
         "peak_logit_bytes": peak_logit_bytes,
         "samples_per_s": round(statistics.fmean(speeds), 2) if speeds else None,
-        "f1": round(xlt["student"], 2),
+        "f1": round(xlt[STUDENT], 2),
         "teachers_f1": {name.removeprefix("teacher_"): round(v, 2) for name, v in sorted(xlt.items())
                         if name.startswith("teacher_")},
         "load_1min": {"mean": round(statistics.fmean(loads), 2), "max": round(max(loads), 2)} if loads else None,
@@ -199,10 +218,6 @@ def measure(run_dir: Path, started: float, ended: float, peak_logit_bytes: int, 
 
 def precomputed(mode: str) -> bool:
     return "distill.precompute=true" in MODES[mode]
-
-
-def record_path(out: Path, mode: str, seed: int) -> Path:
-    return out / "records" / f"{mode}.seed{seed}.json"
 
 
 FIGURES = ("wall_s", "total_s", "cpu_s", "teachers_s", "first_student_step_s", "precompute_s", "peak_logit_bytes",
@@ -397,46 +412,32 @@ def main(argv=None) -> int:
         publish(args, records, settings)
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": settings["omp_num_threads"], **({} if gpu else {"DS_ACCELERATOR": "cpu"})}
-    failed = []
-    while todo:
-        mode, seed = todo.pop(0)
+    def start(key: tuple[str, int]) -> Launch:
+        mode, seed = key
         run_dir = work / f"seed{seed}" / mode
         shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run's times mean nothing: afresh
         run_dir.mkdir(parents=True)
-        overrides = common + list(MODES[mode]) + [f"seed={seed}"]
-        cmd = trainer_command(args, overrides, run_dir)
-        progress.say(f"start {mode} seed {seed}: {' '.join(cmd)}")
-        code = code_version()
-        sampler = Sampler(run_dir, progress.say, f"{mode} seed {seed}")
-        cpu_before = children_cpu_s()
-        started = time.time()
-        sampler.start()
-        try:
-            with (run_dir / "launcher.log").open("a") as log:
-                rc = run_trainer(cmd, env, log)
-        finally:
-            sampler.stop()
-        ended = time.time()
-        cpu_s = children_cpu_s() - cpu_before
-        figures = (measure(run_dir, started, ended, sampler.peak_logit_bytes, sampler.loads, precomputed(mode))
-                   if rc == 0 else None)
+        cmd = trainer_command(args, common + list(MODES[mode]) + [f"seed={seed}"], run_dir)
+        return Launch(run_dir, cmd, watch=lambda: Watch(run_dir, progress.say, f"{mode} seed {seed}"))
+
+    def finish(key: tuple[str, int], launch: Launch, rc: int, wall: float, watch: Watch) -> dict | None:
+        mode, seed = key
+        figures = measure(launch.run_dir, watch.started, watch.ended, watch.sampler.peak_logit_bytes,
+                          watch.sampler.loads, precomputed(mode))
         if figures is None:
-            failed.append((mode, seed))
-            progress.failed(f"{mode} seed {seed}", ended - started, f"exit {rc}", run_dir)
-            continue
-        rec = {"mode": mode, "seed": seed, "overrides": overrides, "code": code, "run_dir":
-               str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir), **figures,
-               "cpu_s": round(cpu_s, 1)}
-        write_atomic(record_path(args.out, mode, seed), json.dumps(rec) + "\n")
-        records[mode, seed] = rec
-        progress.times[mode, seed] = rec["wall_s"]
-        publish(args, records, settings)
-        progress.say(f"done {mode} seed {seed}: student trained in {rec['wall_s']:.0f} s, first student step "
-                     f"{rec['first_student_step_s']:.1f} s after the last teacher, peak logits "
-                     f"{rec['peak_logit_bytes'] / 2**20:.2f} MiB, F1 {rec['f1']:.1f}; {len(todo)} to do "
-                     f"({progress.estimate(todo)})")
-    publish(args, records, settings)
-    return progress.finish(failed)
+            return None
+        run_dir = launch.run_dir
+        return {"mode": mode, "seed": seed, "overrides": common + list(MODES[mode]) + [f"seed={seed}"], "run_dir":
+                str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir), **figures,
+                "cpu_s": round(watch.cpu_s, 1)}
+
+    def done_line(key: tuple[str, int], rec: dict) -> str:
+        return (f"done {key[0]} seed {key[1]}: student trained in {rec['wall_s']:.0f} s, first student step "
+                f"{rec['first_student_step_s']:.1f} s after the last teacher, peak logits "
+                f"{rec['peak_logit_bytes'] / 2**20:.2f} MiB, F1 {rec['f1']:.1f}")
+
+    return run_queue(todo, records, args.out, progress, env, start, finish,
+                     lambda: publish(args, records, settings), done_line)
 
 
 if __name__ == "__main__":

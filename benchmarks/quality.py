@@ -29,26 +29,25 @@ Progress: stdout and WORK/progress.log (beside the run directories).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks import orderings  # noqa: E402
+from benchmarks.runs import (RESULTS_MD, ROOT, Launch, Progress, collect, load_records, record_path,  # noqa: E402
+                             run_queue, trainer_command, write_atomic, write_section)
 from dist_xqa.config import ConfigError, RunConfig, load_config  # noqa: E402
+from dist_xqa.jobs import job_dir, phase1_jobs  # noqa: E402
+from dist_xqa.layout import RunLayout  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 GROUPS = ("control", "lbmrc", "xsta", "skd", "topk")  # table order; topk: a storage option, not a method
 
 
@@ -164,69 +163,6 @@ def resolve(overrides: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- results on disk
 
 
-def collect(run_dir: Path, test_sets: list[str]) -> dict | None:
-    """The scores of a finished run, or None while they are incomplete: eval/summary.json
-    must hold every model the run saved (a DONE.json under teachers/, models/ or
-    student/) on every test set, and be newer than each of those models. An X-STA model
-    scored with translate-test adds `<model>_p_T_alone` (the target side alone)."""
-    summary_path = run_dir / "eval" / "summary.json"
-    try:
-        # files of the run (an X-STA oracle translation) recorded relative to it: no machine's paths
-        summary = json.loads(summary_path.read_text().replace(f"{run_dir}/", ""))
-    except (OSError, ValueError):
-        return None
-    done = list(run_dir.glob("teachers/*/DONE.json")) + list(run_dir.glob("models/*/DONE.json"))
-    done += [p for p in [run_dir / "student" / "DONE.json"] if p.exists()]
-    if not done:
-        return None
-    models = {}
-    for path in done:
-        parent = path.parent.parent.name
-        name = f"{parent[:-1]}_{path.parent.name}" if parent in ("teachers", "models") else path.parent.name
-        entry = summary.get(name)
-        if entry is None or path.stat().st_mtime > summary_path.stat().st_mtime:
-            return None
-        if any(s not in entry.get("test_sets", {}) for s in test_sets):
-            return None
-        models[name] = entry
-        # X-STA scored with translate-test keeps its p_T-alone scores beside: a model line of its own
-        alone = {set_name: section["p_T_alone"] for set_name, section in entry["test_sets"].items()
-                 if section.get("p_T_alone")}
-        if alone:
-            models[f"{name}_p_T_alone"] = {"selection": entry.get("selection"), "test_sets": alone}
-    return {"models": dict(sorted(models.items()))}
-
-
-def code_version() -> str:
-    """The trainer code a run used: git HEAD and a hash of the package's sources as they are
-    on disk (uncommitted changes included), so that rows made by different code show."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "dist_xqa").rglob("*.py")):
-        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
-    return f"{head.stdout.strip() or 'no-git'}+{digest.hexdigest()[:10]}"
-
-
-def record_path(out: Path, row: str, seed: int) -> Path:
-    return out / "records" / f"{row}.seed{seed}.json"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_records(out: Path, key: str = "row") -> dict[tuple[str, int], dict]:
-    """OUT/records/*.json by (record[key], seed): a row here, a mode in benchmarks/pipeline.py."""
-    records = {}
-    for path in sorted((out / "records").glob("*.json")):
-        rec = json.loads(path.read_text())
-        records[rec[key], rec["seed"]] = rec
-    return records
-
-
 def reported_models(rec: dict) -> list[str]:
     """The models a row's table lines show: its student, and the models it trained itself
     (not those reused from another row)."""
@@ -312,37 +248,15 @@ def markdown_tables(quality: dict) -> str:
         "on disk) of each row/seed; rows are comparable when made by the same code:\n\n" + code
 
 
-def write_section(results_md: Path, key: str, title: str, body: str, tool: str = "quality") -> None:
-    """Replaces the text between this key's markers in RESULTS.md, or appends a section
-    with them; the rest of the file is left as it is. `tool`: the benchmark whose
-    sections the markers name."""
-    begin, end = f"<!-- {tool}:{key} begin -->", f"<!-- {tool}:{key} end -->"
-    text = results_md.read_text() if results_md.exists() else ""
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + f"\n\n## {title}\n\n{block}\n"
-    write_atomic(results_md, text)
-
-
 # --------------------------------------------------------------------------- running
 
 
-def free_port() -> int:
-    """A port for this run's rendezvous (other users' runs may hold the launcher's default)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def shared_models(cfg: RunConfig) -> list[tuple[str, str]]:
-    """(model directory, eval file) of the models a row takes from its reuse_from row."""
-    if cfg.strategy.name == "lbmrc" and cfg.strategy.teacher_data == "branch":
-        return [(f"teachers/{t}", f"eval/teacher_{t}.json") for t in cfg.teacher_languages]
-    if cfg.strategy.name == "skd" and cfg.strategy.skd.phase1:
-        return [("models/skd_phase1", "eval/model_skd_phase1.json")]
+def shared_models(cfg: RunConfig) -> list[Path]:
+    """The folders, relative to a run directory, of the models a row takes from its
+    reuse_from row: LBMRC's branch teachers, SKD's phase-1 model."""
+    s = cfg.strategy
+    if (s.name == "lbmrc" and s.teacher_data == "branch") or (s.name == "skd" and s.skd.phase1):
+        return [job_dir(cfg, job).relative_to(cfg.run_path) for job in phase1_jobs(cfg)]
     return []
 
 
@@ -367,72 +281,18 @@ def _link_or_copy(src, dst) -> None:
 def reuse(source_dir: Path, run_dir: Path, cfg: RunConfig) -> list[str]:
     """Links the finished shared models (and their scores) of `source_dir` into `run_dir`;
     returns the names of the models reused (none when the source has not finished them)."""
-    pairs = shared_models(cfg)
-    if not pairs or not all((source_dir / d / "DONE.json").exists() for d, _ in pairs):
+    models = shared_models(cfg)
+    source, target = RunLayout(source_dir), RunLayout(run_dir)
+    if not models or not all(source.done(source_dir / d).exists() for d in models):
         return []
     names = []
-    for model_dir, eval_file in pairs:
-        if not (run_dir / model_dir / "DONE.json").exists():
+    for model_dir in models:
+        name = RunLayout.model_name(source_dir / model_dir)
+        if not target.done(run_dir / model_dir).exists():
             link_tree(source_dir / model_dir, run_dir / model_dir)
-            link_tree(source_dir / eval_file, run_dir / eval_file)
-        names.append(Path(eval_file).stem)
+            link_tree(source.eval_result(name), target.eval_result(name))
+        names.append(name)
     return names
-
-
-def trainer_command(args, row_overrides: list[str], run_dir: Path) -> list[str]:
-    venv_launcher = Path(sys.executable).with_name("deepspeed")  # this interpreter's, e.g. .venv/bin
-    return [str(venv_launcher) if venv_launcher.exists() else "deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(free_port()),
-            "dist_xqa/train.py", "--deepspeed", args.deepspeed, "--config", str(args.config),
-            *row_overrides, f"run_dir={run_dir}"]
-
-
-def run_trainer(cmd: list[str], env: dict, log) -> int:
-    """Runs the launcher in a process group of its own; stopping this script (SIGTERM,
-    Ctrl-C) stops the launcher and its ranks with it (the run is redone on the next start,
-    resuming from its checkpoints)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        return proc.wait()
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait()
-        raise
-
-
-class Progress:
-    """Progress lines on stdout and in WORK/progress.log; the estimate of the rest uses each
-    row's own time where a seed of it has finished, else the mean over finished runs."""
-
-    def __init__(self, out: Path, records: dict):
-        self.log = out / "progress.log"
-        self.times = {key: rec["wall_s"] for key, rec in records.items()}
-
-    def say(self, message: str) -> None:
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
-        print(line, flush=True)
-        with self.log.open("a") as f:
-            f.write(line + "\n")
-
-    def failed(self, what: str, seconds: float, why: str, run_dir: Path) -> None:
-        """A run that did not finish: its reason and the end of its launcher.log."""
-        tail = (run_dir / "launcher.log").read_text(errors="replace").splitlines()[-15:]
-        self.say(f"FAILED {what} after {seconds:.0f} s ({why}):\n  " + "\n  ".join(tail))
-
-    def finish(self, failed: list[tuple[str, int]]) -> int:
-        """The exit status of a benchmark: 1 when a run failed (named here), else 0."""
-        if failed:
-            self.say(f"{len(failed)} run(s) failed: {', '.join(f'{name} seed {seed}' for name, seed in failed)}")
-        return 1 if failed else 0
-
-    def estimate(self, todo: list[tuple[str, int]]) -> str:
-        if not self.times:
-            return "no run finished yet"
-        overall = statistics.fmean(self.times.values())
-        by_row = {}
-        for (row, _), t in self.times.items():
-            by_row.setdefault(row, []).append(t)
-        rest = sum(statistics.fmean(by_row[row]) if row in by_row else overall for row, _ in todo)
-        return f"about {rest / 3600:.1f} h for the {len(todo)} left"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -527,40 +387,36 @@ def main(argv=None) -> int:
     if args.table_only:
         publish(args, records, budget)
         return 0
-    failed = []
     env = {**os.environ, "DS_ACCELERATOR": "cpu"} if args.scale == "cpu" else dict(os.environ)
-    while todo:
-        name, seed = todo.pop(0)
+    reused: dict[tuple[str, int], list[str]] = {}
+
+    def start(key: tuple[str, int]) -> Launch:
+        name, seed = key
         overrides, cfg = configs[name]
         run_dir = work / f"seed{seed}" / name
         run_dir.mkdir(parents=True, exist_ok=True)
         row = ROWS[name]
-        reused = reuse(work / f"seed{seed}" / row.reuse_from, run_dir, cfg) if row.reuse_from else []
-        cmd = trainer_command(args, resolve(overrides) + [f"seed={seed}"], run_dir)
-        progress.say(f"start {name} seed {seed}" + (f" (reusing {', '.join(reused)} of {row.reuse_from})"
-                                                    if reused else "") + f": {' '.join(cmd)}")
-        code = code_version()
-        began = time.monotonic()
-        with (run_dir / "launcher.log").open("a") as log:
-            rc = run_trainer(cmd, env, log)
-        wall = time.monotonic() - began
-        scores = collect(run_dir, test_sets(cfg)) if rc == 0 else None
+        reused[key] = reuse(work / f"seed{seed}" / row.reuse_from, run_dir, cfg) if row.reuse_from else []
+        note = f" (reusing {', '.join(reused[key])} of {row.reuse_from})" if reused[key] else ""
+        return Launch(run_dir, trainer_command(args, resolve(overrides) + [f"seed={seed}"], run_dir), note)
+
+    def finish(key: tuple[str, int], launch: Launch, rc: int, wall: float, _) -> dict | None:
+        name, seed = key
+        overrides, cfg = configs[name]
+        scores = collect(launch.run_dir, test_sets(cfg))
         if scores is None:
-            failed.append((name, seed))
-            progress.failed(f"{name} seed {seed}", wall, f"exit {rc}; " + ("no complete eval/summary.json"
-                                                                           if rc == 0 else "see launcher.log"), run_dir)
-            continue
-        rec = {"row": name, "seed": seed, "label": row.label, "group": row.group, "overrides": overrides,
-               "wall_s": round(wall, 1), "reused": reused, "run_dir": str(run_dir.relative_to(work)) if run_dir.is_relative_to(work) else str(run_dir), "code": code, **scores}
-        write_atomic(record_path(args.out, name, seed), json.dumps(rec, ensure_ascii=False) + "\n")
-        records[name, seed] = rec
-        progress.times[name, seed] = wall
-        publish(args, records, budget)
-        done = total - len(todo) - len(failed)
-        progress.say(f"done {name} seed {seed} in {wall:.0f} s; {done} of {total} done, {len(todo)} to do "
-                     f"({progress.estimate(todo)})")
-    publish(args, records, budget)
-    return progress.finish(failed)
+            return None
+        row, run_dir = ROWS[name], launch.run_dir
+        return {"row": name, "seed": seed, "label": row.label, "group": row.group, "overrides": overrides,
+                "wall_s": round(wall, 1), "reused": reused[key],
+                "run_dir": str(run_dir.relative_to(work)) if run_dir.is_relative_to(work) else str(run_dir), **scores}
+
+    def done_line(key: tuple[str, int], rec: dict) -> str:
+        done = sum(1 for k in records if k[0] in configs and k[1] in seeds)
+        return f"done {key[0]} seed {key[1]} in {rec['wall_s']:.0f} s; {done} of {total} done"
+
+    return run_queue(todo, records, args.out, progress, env, start, finish,
+                     lambda: publish(args, records, budget), done_line)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ from dist_xqa.losses import span_nll  # noqa: E402
 from dist_xqa.models import build_model  # noqa: E402
 from dist_xqa.monitor import Monitor  # noqa: E402
 from dist_xqa.roles.loop import LoopState  # noqa: E402
-from dist_xqa.roles.plan import plan_roles  # noqa: E402
+from dist_xqa.plan import plan_roles  # noqa: E402
 from dist_xqa.roles.student import (ShardBatches, StudentInputs, StudentScalars, StudentTrainStep,  # noqa: E402
                                     kd_options, loader_workers, student_step)
 from dist_xqa.waiting import Heartbeat  # noqa: E402

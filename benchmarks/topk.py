@@ -50,7 +50,9 @@ from dist_xqa.inference import label_tensors, predict_logits  # noqa: E402
 from dist_xqa.logits.manifest import read_manifest  # noqa: E402
 from dist_xqa.logits.shards import compress_topk, dense_logits, list_shards, read_shard, write_shard  # noqa: E402
 from dist_xqa.models import load_trained  # noqa: E402
-from dist_xqa.prepare import DISTILL_SET, Prepared  # noqa: E402
+from dist_xqa.jobs import DISTILL_SET  # noqa: E402
+from dist_xqa.layout import RunLayout  # noqa: E402
+from dist_xqa.prepared import Prepared  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "topk.json"
@@ -140,7 +142,7 @@ def store_regime(run_dir: Path, features: int) -> tuple[torch.Tensor, torch.Tens
     """Real logits from the dense store of a finished run: (mask [S, L], start and end
     [K, S, L] float32, the run's trained student's logits [2S, L] (start rows, then end rows),
     a description). Reads the store's shards in index order, the same rows for every teacher."""
-    store = run_dir / "logits"
+    store = RunLayout(run_dir).store
     manifest = read_manifest(store)
     if manifest is None:
         raise SystemExit(f"topk: {store} holds no logit store (no manifest.json): pass the run directory of a finished run")
@@ -169,7 +171,7 @@ def store_regime(run_dir: Path, features: int) -> tuple[torch.Tensor, torch.Tens
     row_of = {int(f): row for row, f in enumerate(distill["feature_id"])}
     rows = [row_of[f] for f in ids]
     mask = label_tensors(distill, rows, torch.device("cpu"))[0]
-    s_start, s_end = predict_logits(load_trained(run_dir / "student"), distill, 32, torch.device("cpu"), rows,
+    s_start, s_end = predict_logits(load_trained(RunLayout(run_dir).student), distill, 32, torch.device("cpu"), rows,
                                     desc=f"student logits ({run_dir.name})")
     student = torch.cat([torch.as_tensor(s_start), torch.as_tensor(s_end)]).float()
     def stack(parts: dict) -> torch.Tensor:  # [K, S, L]

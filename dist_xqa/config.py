@@ -15,12 +15,11 @@ from typing import Any
 
 import yaml
 
-from dist_xqa.eval.metrics import NORMALIZATIONS
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 STRATEGIES = ("lbmrc", "zero_shot", "translate_train", "mixmrc", "xsta", "skd")
+NORMALIZATIONS = ("squad", "mlqa")  # EM/F1 as each official script computes them (dist_xqa.eval.metrics)
 
 
 class ConfigError(ValueError):
@@ -302,7 +301,7 @@ class CheckpointConfig:
 
 @dataclass
 class PlanConfig:
-    """`plan`: how the ranks are split among roles (dist_xqa/roles/plan.py). Teacher groups
+    """`plan`: how the ranks are split among roles (dist_xqa/plan.py). Teacher groups
     get ranks in proportion to their training features either way."""
 
     student_min_ranks: int = 1  # the smallest student group beside dedicated producers

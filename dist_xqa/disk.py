@@ -28,6 +28,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from dist_xqa.jobs import STUDENT_SETS, model_dirs, phase1_jobs
+
 log = logging.getLogger(__name__)
 
 # fp32 master weights + Adam's two moments (12 bytes), and the module's own weights (at
@@ -122,14 +124,10 @@ def count_parameters(cfg, tokenizer) -> int:
 def store_size(cfg, prepared) -> tuple[int, int]:
     """(teachers, features) whose logits the run's store holds: LBMRC's K teachers over D,
     SKD's frozen copy over its training set, (0, 0) for the other strategies."""
-    from dist_xqa.prepare import DISTILL_SET, phase1_jobs
-
     if cfg.strategy.name == "lbmrc":
-        return len(phase1_jobs(cfg)), len(prepared.features(DISTILL_SET))
+        return len(phase1_jobs(cfg)), len(prepared.features(STUDENT_SETS["lbmrc"]))
     if cfg.strategy.name == "skd" and cfg.strategy.skd.coefficient != "none":  # its own logits, one teacher
-        from dist_xqa.roles.skd import TRAIN_SET
-
-        return 1, len(prepared.features(TRAIN_SET))
+        return 1, len(prepared.features(STUDENT_SETS["skd"]))
     return 0, 0
 
 
@@ -158,11 +156,7 @@ def check_disk(cfg, prepared) -> DiskEstimate:
 
     from dist_xqa.config import ConfigError
 
-    from dist_xqa.prepare import phase1_jobs
-
-    strategy = cfg.strategy.name
-    jobs = phase1_jobs(cfg)
-    trained = len(jobs) + (strategy in ("lbmrc", "skd", "xsta"))  # the student
+    trained = len(model_dirs(cfg))  # the phase-1 models and the student
     kd = cfg.distill
     store_teachers, store_features = store_size(cfg, prepared)
     student = cfg.student

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from dist_xqa.roles.plan import RoleGroup, RolePlan
+from dist_xqa.plan import RoleGroup, RolePlan
 
 DEFAULT_MASTER_PORT = 29500
 

@@ -17,6 +17,7 @@ from typing import Callable, TextIO
 from tqdm.auto import tqdm
 
 from dist_xqa.config import MonitorConfig
+from dist_xqa.layout import RunLayout
 
 
 class Monitor:
@@ -28,7 +29,7 @@ class Monitor:
         self.every = every
         if enabled:
             from torch.utils.tensorboard import SummaryWriter  # heavy: only where it writes
-            self.writer = SummaryWriter(str(Path(run_dir) / "tb" / role))
+            self.writer = SummaryWriter(str(RunLayout(run_dir).tb(role)))
         else:
             self.writer = None
         self._last = time.perf_counter()

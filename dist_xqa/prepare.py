@@ -14,64 +14,27 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from dist_xqa import stages
 from dist_xqa.config import ConfigError, EvalSetConfig, RunConfig
 from dist_xqa.data import builders
 from dist_xqa.data.demo import DEMO_NOISE, ensure_demo_corpus
-from dist_xqa.data.features import TokenizerSettings, build_features, load_features, save_features
+from dist_xqa.data.features import TokenizerSettings, build_features, save_features
 from dist_xqa.data.parallel import ParallelSet, load_parallel
-from dist_xqa.data.records import Answer, DataError, QAExample
+from dist_xqa.data.records import DataError, QAExample
 from dist_xqa.data.splits import proportional_split, split_parallel
 from dist_xqa.data.testsets import EvalCorpus, eval_files, read_eval_corpus
 from dist_xqa.data.tokenizer import ensure_tokenizer
 from dist_xqa.disk import check_disk, check_precompute_budget
 from dist_xqa.files import read_json, write_json
+from dist_xqa.jobs import DISTILL_SET, STUDENT_SETS, dev_set, phase1_jobs
+from dist_xqa.layout import RunLayout
 from dist_xqa.models import load_tokenizer
+from dist_xqa.prepared import EXAMPLES, FEATURES, GOLD, INFO, Prepared, run_test_sets, write_examples
 
 log = logging.getLogger(__name__)
-
-DISTILL_SET = "distill"
-SKD_PHASE1_JOB = "skd_phase1"  # self-distillation's source-only fine-tuning (<run>/models/skd_phase1)
-SPLIT_TEST_SET = "test"  # the test set's name when data.test is empty: data.train's split.test
-
-
-@dataclass(frozen=True)
-class Job:
-    """One model trained with NLL in phase 1: a branch teacher or a baseline model."""
-
-    name: str  # teacher language, or the baseline's name
-    train_set: str  # prepared set names
-    dev_set: str
-    seed_offset: int = 0  # added to the run's seed (initialisation and data order)
-
-
-def phase1_jobs(cfg: RunConfig) -> list[Job]:
-    """The models phase 1 trains, by strategy:
-    - lbmrc: one teacher per teacher language on its language branch D_k (or, with
-      `strategy.teacher_data: mixmrc`, "w/ mix": as many teachers, mix_<lang> for each
-      teacher language's slot, all on the mixMRC set with different seeds);
-    - zero_shot: one model on the source language; mixmrc: one model on every pair;
-    - translate_train: one model per language (per_language) or one on the union;
-    - skd: the optional source-language phase 1; xsta: none."""
-    s = cfg.strategy
-    if s.name == "xsta":  # one model on parallel pairs, no phase 1
-        return []
-    if s.name == "skd":  # optional phase 1: source-language fine-tuning (dist_xqa.roles.skd)
-        return [Job(SKD_PHASE1_JOB, "zero_shot", "zero_shot.dev")] if s.skd.phase1 else []
-    if s.name == "lbmrc" and s.teacher_data == "branch":
-        return [Job(lang, f"branch_{lang}", f"branch_{lang}.dev") for lang in cfg.teacher_languages]
-    if s.name == "lbmrc":
-        return [Job(f"mix_{lang}", "mixmrc", "mixmrc.dev", seed_offset=i)
-                for i, lang in enumerate(cfg.teacher_languages)]
-    if s.name == "translate_train" and s.translate_train == "per_language":
-        return [Job(f"translate_train_{lang}", f"tt_{lang}", f"tt_{lang}.dev") for lang in cfg.train_languages]
-    name = {"zero_shot": "zero_shot", "mixmrc": "mixmrc", "translate_train": "translate_train"}[s.name]
-    set_name = {"zero_shot": "zero_shot", "mixmrc": "mixmrc", "translate_train": "tt_union"}[s.name]
-    return [Job(name, set_name, f"{set_name}.dev")]
-
 
 def _set_builders(cfg: RunConfig) -> dict[str, callable]:
     """Prepared set name -> builder over a ParallelSet of training languages."""
@@ -94,76 +57,9 @@ def needed_sets(cfg: RunConfig) -> list[str]:
     names = []
     for job in phase1_jobs(cfg):
         names += [job.train_set, job.dev_set]
-    if cfg.strategy.name == "lbmrc":
-        names += [DISTILL_SET, f"{DISTILL_SET}.dev"]
-    names += {"skd": ["mixmrc", "mixmrc.dev"], "xsta": ["tt_union", "tt_union.dev"]}.get(cfg.strategy.name, [])
+    if student_set := STUDENT_SETS.get(cfg.strategy.name):
+        names += [student_set, dev_set(student_set)]
     return list(dict.fromkeys(names))  # "w/ mix" teachers share one set
-
-
-class Prepared:
-    """Read access to a prepared run directory (every rank)."""
-
-    def __init__(self, run_dir: Path):
-        self.root = Path(run_dir) / "prepared"
-        self.info = json.loads((self.root / "prepared.json").read_text())
-        self.tokenizer_dir = self.root / "tokenizer"
-
-    @property
-    def settings(self) -> TokenizerSettings:
-        return TokenizerSettings(**self.info["tokenizer_settings"])
-
-    def tokenizer(self):
-        return load_tokenizer(self.tokenizer_dir)
-
-    def features(self, name: str):
-        ds, settings = load_features(self.root / "sets" / name)
-        settings.check_same(self.settings, f"features of '{name}'", "this run's tokenizer settings")
-        return ds
-
-    def examples(self, name: str) -> list[QAExample]:
-        return _read_examples(self.root / "sets" / name / "examples.jsonl")
-
-    def test_set(self, name: str) -> PreparedTestSet:
-        return PreparedTestSet(self.root / "test" / name, self.settings)
-
-
-class PreparedTestSet:
-    """One prepared test set: features and examples of its answerable questions, every
-    gold question (what is scored), and `info` (format, normalisation, languages, files,
-    the loader's rejections, the fingerprint)."""
-
-    def __init__(self, directory: Path, settings: TokenizerSettings):
-        self.dir = directory
-        self.info = json.loads((directory / "info.json").read_text())
-        self._settings = settings
-
-    def features(self):
-        ds, settings = load_features(self.dir / "features")
-        settings.check_same(self._settings, f"features of test set {self.dir.name!r}", "this run's tokenizer settings")
-        return ds
-
-    def examples(self) -> list[QAExample]:
-        return _read_examples(self.dir / "examples.jsonl")
-
-    def gold(self) -> list[QAExample]:
-        return _read_examples(self.dir / "gold.jsonl")
-
-
-def _example_to_json(ex: QAExample) -> dict:
-    return {**asdict(ex), "answers": [asdict(a) for a in ex.answers]}
-
-
-def _example_from_json(obj: dict) -> QAExample:
-    return QAExample(**{**obj, "answers": tuple(Answer(**a) for a in obj["answers"])})
-
-
-def _write_examples(path: Path, examples: list[QAExample]) -> None:
-    path.write_text("".join(json.dumps(_example_to_json(e), ensure_ascii=False) + "\n" for e in examples),
-                    encoding="utf-8")
-
-
-def _read_examples(path: Path) -> list[QAExample]:
-    return [_example_from_json(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def _load_corpus(folder: Path, pattern: str, languages: list[str], what: str) -> ParallelSet:
@@ -196,7 +92,7 @@ def _train_corpus(cfg: RunConfig, run_dir: Path) -> tuple[ParallelSet, Path, str
     d = cfg.data
     if d.source == "demo":
         noise = DEMO_NOISE if d.demo_noise is None else d.demo_noise
-        paths = ensure_demo_corpus(run_dir, languages=tuple(d.train.languages), n_articles=d.demo_articles,
+        paths = ensure_demo_corpus(RunLayout(run_dir).demo_data, languages=tuple(d.train.languages), n_articles=d.demo_articles,
                                    seed=cfg.seed, noise=noise)
         folder, pattern = Path(next(iter(paths.values()))).parent, "demo.{lang}.json"
     else:
@@ -227,16 +123,6 @@ def _dev_corpus(cfg: RunConfig) -> ParallelSet:
     return ps
 
 
-def run_test_sets(cfg: RunConfig, prepared: Prepared) -> list[EvalSetConfig]:
-    """The run's test sets: `data.test`, or the training corpus's test split."""
-    if cfg.data.test:
-        return list(cfg.data.test)
-    split = prepared.info["split_test"]
-    return [EvalSetConfig(name=SPLIT_TEST_SET, folder=split["folder"], pattern=split["pattern"],
-                          languages=list(cfg.train_languages), normalization=cfg.data.normalization,
-                          format="parallel", articles=split["articles"])]
-
-
 def check_test_files(cfg: RunConfig) -> None:
     """Every file of every `data.test` set exists once and is readable: checked before the
     training data is prepared, so a typo costs seconds, not a preparation."""
@@ -262,9 +148,10 @@ def prepare(cfg: RunConfig) -> Prepared:
 
 def _prepare_training(cfg: RunConfig) -> Prepared:
     run_dir = cfg.run_path
-    root = run_dir / "prepared"
+    layout = RunLayout(run_dir)
+    root = layout.prepared
     fingerprint = stages.fingerprint(cfg, stages.PREPARED_KEYS)
-    info_path = root / "prepared.json"
+    info_path = layout.prepared_info
     if info_path.exists():
         info = json.loads(info_path.read_text())
         if info["fingerprint"] != fingerprint:
@@ -291,12 +178,12 @@ def _prepare_training(cfg: RunConfig) -> Prepared:
         # zero-shot condition, as for a pretrained model's vocabulary.
         texts = [text for lang in train_ps.languages for ex in train_ps.examples[lang].values()
                  for text in (ex.question, ex.context)]
-        tokenizer = ensure_tokenizer(root, texts, vocab_size=cfg.model.tiny.get("vocab_size", 2000))
+        tokenizer = ensure_tokenizer(layout.tokenizer, texts, vocab_size=cfg.model.tiny.get("vocab_size", 2000))
         tokenizer_name = "tiny"
     else:
         tokenizer = load_tokenizer(cfg.model.name)
         tokenizer_name = cfg.model.name
-    tokenizer.save_pretrained(root / "tokenizer")
+    tokenizer.save_pretrained(layout.tokenizer)
     settings = TokenizerSettings.from_tokenizer(tokenizer, tokenizer_name, cfg.model.max_length, cfg.model.doc_stride)
 
     table = _set_builders(cfg)
@@ -310,7 +197,7 @@ def _prepare_training(cfg: RunConfig) -> Prepared:
             examples = table[name](train_ps)
             if cfg.data.max_train_examples:
                 examples = examples[: cfg.data.max_train_examples]
-        _save_set(root / "sets" / name, examples, tokenizer, settings, root / "cache")
+        _save_set(layout.prepared_set(name), examples, tokenizer, settings, layout.feature_cache)
         log.info("prepared set %-16s %6d examples", name, len(examples))
 
     test_articles = [ranges["test"].start, ranges["test"].stop] if len(ranges["test"]) else None
@@ -325,7 +212,7 @@ def _prepare_training(cfg: RunConfig) -> Prepared:
 def _save_set(out: Path, examples: list[QAExample], tokenizer, settings: TokenizerSettings, cache: Path) -> None:
     ds = build_features(examples, tokenizer, settings, cache_dir=cache)
     save_features(ds, settings, out)
-    _write_examples(out / "examples.jsonl", examples)
+    write_examples(out / EXAMPLES, examples)
 
 
 def eval_set_fingerprint(spec: EvalSetConfig, settings: TokenizerSettings) -> str:
@@ -335,9 +222,9 @@ def eval_set_fingerprint(spec: EvalSetConfig, settings: TokenizerSettings) -> st
 
 def _prepare_test_set(spec: EvalSetConfig, prepared: Prepared) -> None:
     """Gold questions and features of one test set, unless prepared with the same spec."""
-    out = prepared.root / "test" / spec.name
+    out = prepared.layout.prepared_test_set(spec.name)
     fingerprint = eval_set_fingerprint(spec, prepared.settings)
-    info = read_json(out / "info.json")
+    info = read_json(out / INFO)
     if info is not None and info["fingerprint"] == fingerprint:
         return
     if info is not None:
@@ -355,11 +242,11 @@ def _prepare_test_set(spec: EvalSetConfig, prepared: Prepared) -> None:
                     "; ".join(f"{n} {reason}" for reason, n in sorted(by_reason.items())))
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = prepared.tokenizer()
-    ds = build_features(corpus.answerable, tokenizer, prepared.settings, cache_dir=prepared.root / "cache")
-    save_features(ds, prepared.settings, out / "features")
-    _write_examples(out / "examples.jsonl", corpus.answerable)
-    _write_examples(out / "gold.jsonl", corpus.gold)
-    write_json(out / "info.json", {
+    ds = build_features(corpus.answerable, tokenizer, prepared.settings, cache_dir=prepared.layout.feature_cache)
+    save_features(ds, prepared.settings, out / FEATURES)
+    write_examples(out / EXAMPLES, corpus.answerable)
+    write_examples(out / GOLD, corpus.gold)
+    write_json(out / INFO, {
         "fingerprint": fingerprint, "name": spec.name, "format": spec.format,
         "normalization": spec.normalization, "languages": list(spec.languages), "articles": spec.articles,
         "files": corpus.files, "questions": len(corpus.gold), "answerable": len(corpus.answerable),

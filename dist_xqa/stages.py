@@ -23,7 +23,7 @@ learns from. Keys that change how a run goes but not what it computes (run_dir, 
 checkpoint.*, plan.*, eval.batch_size, the logit store's look-ahead and disk keys) are not
 recorded. The evaluation records only the decoding keys: changed or added test sets and
 X-STA's inference keys are rescored by the evaluator itself (`_is_current` in
-dist_xqa/roles/evaluator.py), without a redo.
+dist_xqa/eval/stage.py), without a redo.
 
 `--redo` may also name one phase-1 model (teacher_en, or en as under teachers/): it alone
 is removed and retrained, with every stage after phase 1. With a null
@@ -44,16 +44,16 @@ from typing import Any
 
 from dist_xqa.config import ConfigError, RunConfig
 from dist_xqa.files import read_json, write_json
+from dist_xqa.jobs import STUDENT_STRATEGIES, phase1_dirs
+from dist_xqa.layout import RunLayout
 from dist_xqa.logits.manifest import hash_checkpoint
 from dist_xqa.waiting import wait_for_run_files
 
 log = logging.getLogger(__name__)
 
 STAGES = ("teachers", "distill", "evaluate")  # in dependency order
-RECORD_DIR = "stages"
 NOT_TRAINED = "(not trained)"  # a phase-1 model the student learnt from that is gone
 UNSET = "(unset)"
-STUDENT_STRATEGIES = ("lbmrc", "skd", "xsta")
 
 # Never recorded: they change how a run goes, not what it computes.
 OPERATIONAL = ("name", "run_dir", "run", "checkpoint", "plan", "eval.batch_size", "distill.lookahead_shards",
@@ -147,12 +147,13 @@ def _show(value: Any) -> str:
 
 
 def decide(recorded: dict[str, dict | None], current: dict[str, dict], redo: set[str],
-           outputs: dict[str, list[str]]) -> tuple[list[str], str | None]:
+           outputs: dict[str, list[str]], hidden: tuple[str, ...] = ()) -> tuple[list[str], str | None]:
     """What a rerun does: (the stages to remove and redo, in order; the refusal message, or
     None). `recorded`: each stage's record (None: none yet); `current`: the settings this
     run would record; `redo`: the stages `--redo` names; `outputs`: what each stage
-    produced, for the message. A stage whose record differs must be redone, by `--redo`
-    naming it or a stage it depends on."""
+    produced, for the message, less those under the prefixes `hidden` (what a user does
+    not look for). A stage whose record differs must be redone, by `--redo` naming it or a
+    stage it depends on."""
     to_redo = with_dependants(redo) if redo else []
     changed = {s: diff(recorded[s], current[s]) for s in current if recorded.get(s) is not None}
     unresolved = [s for s, d in changed.items() if d and s not in to_redo]
@@ -161,7 +162,7 @@ def decide(recorded: dict[str, dict | None], current: dict[str, dict], redo: set
     lines = [f"  {s}: {k}: {_show(old)} -> {_show(new)}" for s in unresolved for k, old, new in changed[s]]
     first = min(set(redo) | {unresolved[0]}, key=STAGES.index)
     removed = [path for s in with_dependants([first]) if s in current for path in outputs[s]
-               if not path.startswith(("heartbeats/", "tb/", RECORD_DIR + "/"))]  # what a user would look for
+               if not path.startswith(hidden)]
     return [], ("this run directory holds stages made with other settings:\n" + "\n".join(lines) + "\n"
                 f"Rerun the same command with --redo {first} to remove {', '.join(removed)} and redo "
                 "them, or restore the settings above.")
@@ -171,47 +172,42 @@ def decide(recorded: dict[str, dict | None], current: dict[str, dict], redo: set
 
 
 def _phase1(cfg: RunConfig) -> dict[str, Path]:
-    """Phase-1 model name -> its output directory. (The roles are imported here: the entry
-    point loads the data pipeline only once the config is accepted.)"""
-    from dist_xqa.prepare import phase1_jobs
-    from dist_xqa.roles.supervised import output_dir
-
-    return {job.name: output_dir(cfg, job) for job in phase1_jobs(cfg)}
+    """Phase-1 model name -> its output directory."""
+    return phase1_dirs(cfg)
 
 
 def _phase1_roles(cfg: RunConfig) -> list[str]:
     """The phase-1 models' role names (teacher_<name>, model_<name>): their checkpoint
     directories and heartbeats."""
-    from dist_xqa.roles.evaluator import model_name
-
-    return [model_name(d) for d in _phase1(cfg).values()]
+    return [RunLayout.model_name(d) for d in _phase1(cfg).values()]
 
 
 def record_path(cfg: RunConfig, stage: str) -> Path:
-    return cfg.run_path / RECORD_DIR / f"{stage}.json"
+    return RunLayout(cfg.run_path).stage_record(stage)
 
 
 def model_outputs(cfg: RunConfig) -> dict[str, list[str]]:
     """What training each phase-1 model produces, by its role name, as paths (globs)
     relative to the run directory: the model, its checkpoints, heartbeats and TensorBoard log."""
-    return {role: [f"{d.parent.name}/{d.name}/", f"checkpoints/{role}/", f"heartbeats/{role}.*.json", f"tb/{role}/"]
-            for role, d in zip(_phase1_roles(cfg), _phase1(cfg).values())}
+    layout = RunLayout(cfg.run_path)
+    return {layout.model_name(d): layout.model_outputs(d) for d in _phase1(cfg).values()}
 
 
 def stage_outputs(cfg: RunConfig, stage: str) -> list[str]:
     """What `stage` produces, as paths (globs) relative to the run directory, its record last."""
+    layout = RunLayout(cfg.run_path)
     if stage == "teachers":  # the models first, then their checkpoints...
         made = [path for kind in zip(*sorted(model_outputs(cfg).values())) for path in kind]
     elif stage == "distill":
-        made = ["student/", "checkpoints/student/", "logits/", "skd/", "heartbeats/student.*.json", "tb/student/", "trace/"]
+        made = layout.distill_outputs()
     else:
-        made = ["eval/", "heartbeats/eval.*.json", "tb/eval/"]
-    return made + [f"{RECORD_DIR}/{stage}.json"]
+        made = layout.eval_outputs()
+    return made + [str(layout.stage_record(stage).relative_to(layout.root))]
 
 
 def phase1_weights(cfg: RunConfig) -> dict[str, str]:
     """Weight hash of each finished phase-1 model (NOT_TRAINED for the others)."""
-    return {name: hash_checkpoint(d) if (d / "DONE.json").exists() else NOT_TRAINED
+    return {name: hash_checkpoint(d) if RunLayout.done(d).exists() else NOT_TRAINED
             for name, d in _phase1(cfg).items()}
 
 
@@ -247,14 +243,15 @@ def check_rerun(cfg: RunConfig, redo: set[str]) -> None:
                for s in names}
     outputs = {s: stage_outputs(cfg, s) for s in names}
     after_teachers = {STAGES[STAGES.index("teachers") + 1]} if models else set()
-    to_redo, refusal = decide(recorded, current, redo_stages | after_teachers, outputs)
+    layout = RunLayout(cfg.run_path)
+    to_redo, refusal = decide(recorded, current, redo_stages | after_teachers, outputs, layout.stage_outputs_hidden())
     if refusal:
         raise ConfigError(f"{cfg.run_path}: {refusal}")
     redone_models = {} if "teachers" in to_redo else {role: model_outputs(cfg)[role] for role in models}
     for what, patterns in [*redone_models.items(), *((stage, outputs[stage]) for stage in to_redo)]:
         removed = [p for pattern in patterns for p in sorted(cfg.run_path.glob(pattern.rstrip("/")))]
         if what == to_redo[0] and what != "evaluate" and _prepared_is_stale(cfg):
-            removed.append(cfg.run_path / "prepared")
+            removed.append(layout.prepared)
         for path in removed:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         log.info("--redo %s: removed from %s: %s", what, cfg.run_path,
@@ -262,7 +259,7 @@ def check_rerun(cfg: RunConfig, redo: set[str]) -> None:
 
 
 def _prepared_is_stale(cfg: RunConfig) -> bool:
-    info = read_json(cfg.run_path / "prepared" / "prepared.json")
+    info = read_json(RunLayout(cfg.run_path).prepared_info)
     return info is not None and info["fingerprint"] != fingerprint(cfg, PREPARED_KEYS)
 
 
@@ -312,8 +309,8 @@ def _batch_settings(stage: str, batches: dict[str, int]) -> dict[str, int]:
 
 
 def _stage_finished(cfg: RunConfig, stage: str) -> bool:
-    models = list(_phase1(cfg).values()) if stage == "teachers" else [cfg.run_path / "student"]
-    return all((d / "DONE.json").exists() for d in models)
+    models = list(_phase1(cfg).values()) if stage == "teachers" else [RunLayout(cfg.run_path).student]
+    return all(RunLayout.done(d).exists() for d in models)
 
 
 def batch_change(cfg: RunConfig, batches: dict[str, dict[str, int]]) -> str | None:
@@ -330,12 +327,13 @@ def batch_change(cfg: RunConfig, batches: dict[str, dict[str, int]]) -> str | No
                 if EFFECTIVE in k}
         if made and not _stage_finished(cfg, stage):
             recorded[stage], current[stage] = made, _batch_settings(stage, groups)
-    _, refusal = decide(recorded, current, set(), {s: stage_outputs(cfg, s) for s in names})
+    _, refusal = decide(recorded, current, set(), {s: stage_outputs(cfg, s) for s in names},
+                        RunLayout(cfg.run_path).stage_outputs_hidden())
     return refusal and (f"{cfg.run_path}: {refusal}\nWith a null global_batch_size a step's rows change with "
                         "the number of ranks: set teacher/student.global_batch_size to keep them on any.")
 
 
 def wait_for_phase1(cfg: RunConfig) -> None:
     """Blocks until every phase-1 model is saved, as long as the run's roles beat."""
-    wait_for_run_files(cfg.run_path, [d / "DONE.json" for d in _phase1(cfg).values()], cfg.run.stall_timeout_s,
+    wait_for_run_files(cfg.run_path, [RunLayout.done(d) for d in _phase1(cfg).values()], cfg.run.stall_timeout_s,
                        "phase 2 waiting for the phase-1 models", expected=_phase1_roles(cfg))

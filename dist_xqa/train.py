@@ -31,6 +31,7 @@ import yaml
 
 from dist_xqa import stages
 from dist_xqa.config import ConfigError, RunConfig, batch_for_group, load_config
+from dist_xqa.layout import RunLayout
 
 log = logging.getLogger("dist_xqa")
 STAGES = (*stages.STAGES, "all")
@@ -63,9 +64,10 @@ def _redo_names(text: str) -> frozenset[str]:
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    log_file = RunLayout(run_dir).log_file(rank)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    file_handler = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")
+    file_handler = logging.FileHandler(log_file)
     file_handler.setFormatter(fmt)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
@@ -79,18 +81,21 @@ def run(cfg: RunConfig, ds_config: dict, stage: str, redo: frozenset[str] = froz
     # Imported here so that a bad config is refused before torch.distributed, DeepSpeed or
     # the data pipeline is loaded.
     from dist_xqa.distributed import init_distributed, make_groups
-    from dist_xqa.prepare import DISTILL_SET, phase1_jobs, prepare, Prepared
-    from dist_xqa.roles.evaluator import evaluate_all
+    from dist_xqa.eval.stage import evaluate_all
+    from dist_xqa.jobs import DISTILL_SET, model_dirs, phase1_jobs, trains_student
+    from dist_xqa.prepare import prepare
+    from dist_xqa.prepared import Prepared
     from dist_xqa.roles.phase2 import run_phase2
-    from dist_xqa.roles.plan import plan_roles
+    from dist_xqa.plan import plan_roles
     from dist_xqa.roles.skd import run_skd
-    from dist_xqa.roles.supervised import output_dir, train_job
+    from dist_xqa.roles.supervised import train_job
     from dist_xqa.roles.xsta import run_xsta
 
     # Rank 0 prepares the data while the others wait in the first collective: the process
     # groups' timeout is the run's stall timeout, not torch's fixed 30 minutes.
     ctx = init_distributed(timeout=timedelta(seconds=cfg.run.stall_timeout_s))
     rank, world, device = ctx.rank, ctx.world_size, ctx.device
+    layout = RunLayout(cfg.run_path)
     setup_logging(cfg.run_path, rank)
 
     # Rank 0 checks what the run directory holds against the settings (and removes what
@@ -101,7 +106,7 @@ def run(cfg: RunConfig, ds_config: dict, stage: str, redo: frozenset[str] = froz
         try:
             stages.check_rerun(cfg, redo)
             prepare(cfg)
-            (cfg.run_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            layout.config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         except (ConfigError, ValueError, OSError) as err:
             error = [f"{type(err).__name__}: {err}"]
     dist.broadcast_object_list(error, src=0)
@@ -111,9 +116,9 @@ def run(cfg: RunConfig, ds_config: dict, stage: str, redo: frozenset[str] = froz
 
     jobs = phase1_jobs(cfg)
     strategy = cfg.strategy.name
-    student = strategy in stages.STUDENT_STRATEGIES  # the strategies whose phase 2 trains a student
+    student = trains_student(cfg)
     # X-STA and self-distillation run their own teachers inside the student group: it spans
-    # every rank; LBMRC's plan sizes producers and student (dist_xqa.roles.plan). Teacher
+    # every rank; LBMRC's plan sizes producers and student (dist_xqa.plan). Teacher
     # groups get ranks in proportion to their work (features x epochs).
     plan = plan_roles(world, {job.name: len(prepared.features(job.train_set)) * cfg.teacher.epochs for job in jobs},
                       student_min_ranks=cfg.plan.student_min_ranks, producer_speed_ratio=cfg.plan.producer_speed_ratio,
@@ -151,12 +156,12 @@ def run(cfg: RunConfig, ds_config: dict, stage: str, redo: frozenset[str] = froz
     if stage in ("evaluate", "all"):
         # Every model this run makes, the same list on every rank (ranks that finished their
         # part early wait for the others' models); `--stage evaluate` scores the finished ones.
-        model_dirs = [output_dir(cfg, job) for job in jobs] + ([cfg.run_path / "student"] if student else [])
+        models = model_dirs(cfg)
         if stage == "evaluate":
-            model_dirs = [d for d in model_dirs if (d / "DONE.json").exists()]
+            models = [d for d in models if layout.done(d).exists()]
         if rank == 0:
             stages.record(cfg, "evaluate")
-        evaluate_all(cfg, prepared, device, model_dirs)
+        evaluate_all(cfg, prepared, device, models)
 
 
 def _batch_error(cfg: RunConfig, plan, student: bool) -> str | None:

@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from dist_xqa.files import read_json, write_json
+from dist_xqa.layout import RunLayout
 
 WORKING, WAITING, FINISHED, FAILED, STOPPED = "working", "waiting", "finished", "failed", "stopped"
-HEARTBEAT_DIR = "heartbeats"
 BEAT_INTERVAL_S = 1.0  # a role rewrites an unchanged beat at most this often
 
 
@@ -103,12 +103,13 @@ def current_log_file() -> str | None:
 
 def role_heartbeat(run_dir: str | Path, role: str, group_rank: int) -> Path:
     """The heartbeat file of rank `group_rank` of role group `role` (teacher_en, student...)."""
-    return Path(run_dir) / HEARTBEAT_DIR / f"{role}.{group_rank}.json"
+    return RunLayout(run_dir).heartbeat(role, group_rank)
 
 
 def role_heartbeats(run_dir: str | Path, pattern: str = "*") -> list[Path]:
     """The heartbeat files of the run's roles whose name matches `pattern` (a glob)."""
-    return sorted((Path(run_dir) / HEARTBEAT_DIR).glob(f"{pattern}.*.json"))
+    layout = RunLayout(run_dir)
+    return sorted(layout.root.glob(layout.heartbeat_glob(pattern)))
 
 
 class Heartbeat:

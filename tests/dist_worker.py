@@ -25,7 +25,7 @@ from transformers import BertConfig, BertForQuestionAnswering
 
 from dist_xqa.distributed import (TrainingGroup, build_engine, init_distributed, load_ds_config, make_groups,
                                   release_engine)
-from dist_xqa.roles.plan import RoleGroup, plan_roles
+from dist_xqa.plan import RoleGroup, plan_roles
 
 SEQ_LEN = 16
 MICRO_BATCH = 4

@@ -20,7 +20,7 @@ from dist_worker import batch, new_engine
 from dist_xqa.config import CheckpointConfig
 from dist_xqa.distributed import init_distributed, load_ds_config, make_groups, release_engine
 from dist_xqa.roles.loop import GroupLoop
-from dist_xqa.roles.plan import plan_roles
+from dist_xqa.plan import plan_roles
 from dist_xqa.waiting import Heartbeat, Preempted, install_stop_signal, role_heartbeat
 
 

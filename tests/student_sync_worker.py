@@ -20,7 +20,7 @@ from dist_xqa.distributed import build_engine, init_distributed, load_ds_config,
 from dist_xqa.logits import ShardPlan, StoreReader
 from dist_xqa.monitor import Monitor
 from dist_xqa.roles.loop import STOP_CHECK_EVERY, GroupLoop
-from dist_xqa.roles.plan import plan_roles
+from dist_xqa.plan import plan_roles
 from dist_xqa.roles.student import (ShardBatches, StudentInputs, StudentScalars, StudentTrainStep, kd_options)
 from dist_xqa.waiting import Heartbeat
 from test_logit_store import SEQ_LEN, TEACHERS, make_manifest

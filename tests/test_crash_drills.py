@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import load_file
 
 from dist_xqa.logits.shards import TopKLogits
-from dist_xqa.prepare import DISTILL_SET, Prepared
+from dist_xqa.jobs import DISTILL_SET
+from dist_xqa.prepared import Prepared
 from dist_xqa.roles.student import MicroBatch
 from dist_xqa.roles.trace import StepTrace, features_read, last_steps, read_trace, trace_path
 from dist_xqa.waiting import read_beat

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dist_xqa.data.records import Answer, QAExample
-from dist_xqa.evaluate import postprocess
+from dist_xqa.eval.decode import postprocess
 
 CONTEXT = "red green blue pink gray teal"
 WORD_OFFSETS = [[m.start(), m.end()] for m in re.finditer(r"\S+", CONTEXT)]

@@ -131,14 +131,14 @@ def test_rejects_unsupported_language_and_bad_noise(tmp_path):
 
 
 def test_ensure_generates_on_first_use_only(tmp_path):
-    paths = ensure_demo_corpus(tmp_path, n_articles=3, noise=0.0)
+    paths = ensure_demo_corpus(tmp_path / "data", n_articles=3, noise=0.0)
     assert set(paths) == {"en", "es", "de"} and all(p.parent == tmp_path / "data" for p in paths.values())
     stamps = {lang: p.stat().st_mtime_ns for lang, p in paths.items()}
     paths["es"].write_text("edited", encoding="utf-8")  # reuse must not rewrite it
-    assert ensure_demo_corpus(tmp_path, n_articles=3, noise=0.0) == paths
+    assert ensure_demo_corpus(tmp_path / "data", n_articles=3, noise=0.0) == paths
     assert paths["es"].read_text(encoding="utf-8") == "edited"
     assert paths["en"].stat().st_mtime_ns == stamps["en"]
-    regenerated = ensure_demo_corpus(tmp_path, n_articles=4, noise=0.0)
+    regenerated = ensure_demo_corpus(tmp_path / "data", n_articles=4, noise=0.0)
     assert len(questions(read(regenerated["es"]))) == 4 * PASSAGES_PER_ARTICLE * QUESTIONS_PER_PASSAGE
 
 

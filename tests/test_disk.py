@@ -14,7 +14,8 @@ from dist_xqa.disk import (CHECKPOINT_BYTES_PER_PARAM, MODEL_BYTES_PER_PARAM, ch
                            count_parameters, directory_bytes, estimate_peak, logit_row_bytes, store_size)
 from dist_xqa.logits.shards import compress_topk, write_shard
 from dist_xqa.models import build_model
-from dist_xqa.prepare import Prepared, prepare
+from dist_xqa.prepare import prepare
+from dist_xqa.prepared import Prepared
 
 GIB = 2**30
 SIZES = dict(parameters=1_000_000, groups=4, keep=2, models=4, store_teachers=3, store_features=10_000,

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from dist_xqa.data.records import Answer, QAExample
-from dist_xqa.eval.gold import read_gold
+from dist_xqa.data.gold import read_gold
 from dist_xqa.eval.metrics import normalize_mlqa, normalize_squad
-from dist_xqa.evaluate import exact_match, f1, max_over_ground_truths, normalizer, score
+from dist_xqa.eval.metrics import exact_match, f1, max_over_ground_truths, normalizer
+from dist_xqa.eval.report import score
 from test_testsets import mlqa_normalize, official_evaluate, squad_normalize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,7 +199,7 @@ def squad_file(path: Path, qas: list[tuple[str, list[str]]]) -> Path:
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "dist_xqa.evaluate", *map(str, args)],
+        [sys.executable, "-m", "dist_xqa.eval", *map(str, args)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
 

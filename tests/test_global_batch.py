@@ -8,7 +8,7 @@ import pytest
 
 from dist_xqa import train
 from dist_xqa.config import ConfigError, TrainConfig, batch_for_group, load_config
-from dist_xqa.roles.plan import plan_roles
+from dist_xqa.plan import plan_roles
 
 
 def test_without_a_global_batch_the_group_multiplies_the_per_rank_batch():

@@ -1,6 +1,6 @@
-"""DeepSpeed engines on role groups: the config each group's engine gets, the launcher
-environment, and real multi-process worlds (gloo, DeepSpeed on its CPU accelerator)
-running tests/dist_worker.py under torchrun."""
+"""DeepSpeed engines on role groups: the config each group's engine gets and real
+multi-process worlds (gloo, DeepSpeed on its CPU accelerator) running tests/dist_worker.py
+under torchrun. The launcher environment: tests/test_launcher_env.py."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_xqa.distributed import first_slurm_host, launcher_env, load_ds_config, rank_threads, resolve_ds_config
+from dist_xqa.distributed import load_ds_config, resolve_ds_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
@@ -73,8 +73,17 @@ def test_on_cuda_auto_picks_bf16_where_supported_else_fp16(bf16_supported, expec
     config = resolve(load_ds_config(ROOT / "ds_configs/zero2_offload.json"), on_cuda=True,
                      bf16_supported=bf16_supported)
     assert (config["bf16"]["enabled"], config["fp16"]["enabled"]) == expect
-    assert "torch_adam" not in config["optimizer"]["params"]
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
+def test_on_cuda_adam_is_torchs_unless_the_config_opts_into_deepspeeds_ops(path):
+    """No op is compiled at a GPU job's first step unless the config says "torch_adam": false."""
+    config = load_ds_config(path)
+    assert resolve(config, on_cuda=True)["optimizer"]["params"]["torch_adam"] is True
+    config["optimizer"]["params"]["torch_adam"] = False
+    assert resolve(config, on_cuda=True)["optimizer"]["params"]["torch_adam"] is False
+    assert resolve(config, on_cuda=False)["optimizer"]["params"]["torch_adam"] is True  # no CUDA: never the ops
 
 
 def test_explicit_precision_is_kept_on_cuda_and_dropped_without_it():
@@ -109,63 +118,6 @@ def test_a_config_that_does_not_parse_is_refused_with_file_and_line(tmp_path):
     (tmp_path / "list.json").write_text("[1]")
     with pytest.raises(ValueError, match="top level must be a JSON object"):
         load_ds_config(tmp_path / "list.json")
-
-
-# --- launcher environment -> RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* -----------------------
-
-def test_torchrun_and_deepspeed_launcher_env_is_used_as_is():
-    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "1234",
-           "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
-    assert launcher_env(env) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
-                                 "MASTER_ADDR": "node7", "MASTER_PORT": "1234"}
-
-
-def test_srun_env_gives_rank_and_rendezvous_on_the_first_node():
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-           "SLURM_JOB_NODELIST": "gpu[003-006],cpu1", "SLURM_JOB_ID": "123456"}
-    assert launcher_env(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
-                                 "MASTER_ADDR": "gpu003", "MASTER_PORT": str(20000 + 123456 % 20000)}
-
-
-def test_mpirun_env_wins_over_the_batch_steps_slurm_procid():
-    env = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
-           "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
-    got = launcher_env(env)
-    assert (got["RANK"], got["WORLD_SIZE"], got["LOCAL_RANK"], got["MASTER_ADDR"]) == ("2", "4", "2", "127.0.0.1")
-
-
-def test_multi_node_mpirun_without_master_addr_is_refused():
-    env = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}
-    with pytest.raises(ValueError, match="set MASTER_ADDR"):
-        launcher_env(env)
-
-
-def test_no_launcher_is_a_world_of_one():
-    got = launcher_env({})
-    assert (got["RANK"], got["WORLD_SIZE"], got["LOCAL_RANK"], got["MASTER_ADDR"]) == ("0", "1", "0", "127.0.0.1")
-    assert 0 < int(got["MASTER_PORT"]) < 65536
-
-
-@pytest.mark.parametrize("nodelist,host", [
-    ("node1", "node1"), ("node1,node2", "node1"), ("gpu[003-006,010]", "gpu003"),
-    ("a[7,9]-ib,b1", "a7-ib"), ("rack[2-3]n[01-04]", "rack2n01"),
-])
-def test_first_slurm_host(nodelist, host):
-    assert first_slurm_host(nodelist) == host
-
-
-@pytest.mark.parametrize("env, cores, threads", [
-    ({}, 2, 2),  # no launcher: one rank has the node
-    ({"LOCAL_SIZE": "2"}, 2, 1),  # deepspeed launcher: 2 ranks on 2 cores
-    ({"LOCAL_WORLD_SIZE": "4"}, 16, 4),  # torchrun
-    ({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, 16, 5),  # mpirun: the remainder stays idle
-    ({"SLURM_NTASKS_PER_NODE": "2(x3)"}, 8, 4),  # srun, 2 tasks on each of 3 nodes
-    ({"LOCAL_SIZE": "8"}, 2, 1),  # more ranks than cores: never below one
-    ({"SLURM_PROCID": "0", "SLURM_CPUS_PER_TASK": "6", "SLURM_NTASKS_PER_NODE": "4"}, 6, 6),  # Slurm narrowed it
-    ({"OMP_NUM_THREADS": "3", "LOCAL_SIZE": "2"}, 2, None),  # the user's choice is kept
-])
-def test_each_rank_gets_its_share_of_the_node_cores(env, cores, threads):
-    assert rank_threads(env, cores) == threads
 
 
 # --- real worlds --------------------------------------------------------------------------

@@ -22,7 +22,7 @@ ENGINE_SCRIPT = textwrap.dedent("""
     import torch
     from transformers import BertConfig, BertForQuestionAnswering
     from dist_xqa.distributed import build_engine, init_distributed, make_groups, release_engine
-    from dist_xqa.roles.plan import plan_roles
+    from dist_xqa.plan import plan_roles
 
     lr, total, ratio = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
     init_distributed()

@@ -17,6 +17,7 @@ _spec = importlib.util.spec_from_file_location("pipeline_bench", ROOT / "benchma
 pipeline = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = pipeline
 _spec.loader.exec_module(pipeline)
+from benchmarks import runs  # noqa: E402  (importable once pipeline.py put the repository on sys.path)
 
 T0 = 1_800_000_000.0  # the launch, wall clock
 TEACHERS = ("en", "es", "de")
@@ -125,12 +126,12 @@ def test_the_table_goes_between_its_markers_and_a_rerun_replaces_it(tmp_path):
     args = pipeline.parse_args(["--out", str(out), "--results-md", str(results_md)])
     settings = {"description": "demo, 2 ranks"}
     for mode, seed in (("sequential", 0), ("streamed", 0)):
-        path = pipeline.record_path(out, mode, seed)
+        path = runs.record_path(out, mode, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record(mode, seed, 1000 if mode == "sequential" else 700, 10_000 if
                                           mode == "sequential" else 500, 200 if mode == "sequential" else 5,
                                           180 if mode == "sequential" else None, 19.0)))
-    records = pipeline.load_records(out, key="mode")
+    records = runs.load_records(out, key="mode")
     pipeline.publish(args, records, settings)
     pipeline.publish(args, records, settings)  # once more: the section is replaced, not appended
     text = results_md.read_text()
@@ -155,7 +156,7 @@ def test_a_rerun_refuses_records_made_with_other_settings(tmp_path):
     out = tmp_path / "pipeline"
     rec = {**record("streamed", 0, 700, 500, 5, None, 19.0),
            "overrides": [*pipeline.COMMON, *pipeline.MODES["streamed"], "seed=0"]}
-    path = pipeline.record_path(out, "streamed", 0)
+    path = runs.record_path(out, "streamed", 0)
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(rec))
     args = ["--out", str(out), "--work", str(tmp_path / "work"), "--results-md", str(tmp_path / "R.md"), "--table-only"]

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import re
 import socket
 import subprocess
 import sys
@@ -70,10 +71,11 @@ def tensorboard_tags(tb_dir: Path) -> set[str]:
 def untrained_f1(run_dir: Path) -> float:
     """Pooled test F1 of the student's architecture before any training."""
     from dist_xqa.config import load_config
-    from dist_xqa.evaluate import postprocess, score
+    from dist_xqa.eval.decode import postprocess
+    from dist_xqa.eval.report import score
     from dist_xqa.inference import predict_logits
     from dist_xqa.models import build_model
-    from dist_xqa.prepare import SPLIT_TEST_SET, Prepared
+    from dist_xqa.prepared import SPLIT_TEST_SET, Prepared
 
     cfg = load_config(None, [f"run_dir={run_dir}"])
     prepared = Prepared(run_dir)
@@ -89,6 +91,19 @@ def split_test_reports(run_dir: Path) -> dict[str, dict]:
     """Each model's report on the demo's one test set (the corpus's test split)."""
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     return {name: model["test_sets"]["test"] for name, model in summary.items()}
+
+
+def run_dir_listing(run_dir: Path) -> list[str]:
+    """Every file and folder of a run directory, digits as N (steps, ranks, shard numbers),
+    less the demo corpus, the feature cache and TensorBoard's event files (named by host and
+    time): the run directory's layout, whatever the run's sizes."""
+    found = set()
+    for path in run_dir.rglob("*"):
+        rel = path.relative_to(run_dir).as_posix()
+        if rel.startswith(("prepared/cache", "data/")) or "tfevents" in rel:
+            continue
+        found.add(re.sub(r"\d+", "N", rel) + ("/" if path.is_dir() else ""))
+    return sorted(found)
 
 
 @pytest.mark.slow
@@ -126,6 +141,12 @@ def test_demo_end_to_end_on_two_cpu_ranks(tmp_path):
                      f"student/teacher_weight/{lang}", f"eval/student/test/{lang}/f1", f"eval/teacher_{lang}/test/{lang}/em"}
     assert expected <= tags, sorted(expected - tags)
     assert (run_dir / "config.yaml").exists() and (run_dir / "logs" / "rank0.log").exists()
+
+    # The run directory holds what runs made before the layout module held (the listing
+    # was taken of a run of the code before it, `run_dir_listing` of the same command): a
+    # run directory of that code opens as one of today's.
+    listing = (Path(__file__).parent / "fixtures" / "run_dir_listing_lbmrc.txt").read_text().split()
+    assert run_dir_listing(run_dir) == listing
 
     # A finished run is not redone: the same command again only re-reads the results.
     stamps = {p: p.stat().st_mtime_ns for p in [run_dir / "student" / "model.safetensors",
@@ -203,7 +224,8 @@ def test_a_killed_run_resumes_from_its_latest_checkpoint(tmp_path):
     student's step trace shows where each rank resumed and that the shards it read after
     resuming were the rest of the epoch's order: every feature of D trained on exactly once
     per epoch (step for step against an uninterrupted run: tests/test_crash_drills.py)."""
-    from dist_xqa.prepare import DISTILL_SET, Prepared
+    from dist_xqa.jobs import DISTILL_SET
+    from dist_xqa.prepared import Prepared
     from dist_xqa.roles.trace import features_read, read_trace, trace_path
 
     run_dir = tmp_path / "run"
@@ -275,8 +297,11 @@ def test_sbatch_job_is_requeued_at_its_time_limit_and_finishes(tmp_path):
         pytest.skip("no Slurm cluster here (scripts/slurm_local.sh starts one, as root on Debian)")
     run_dir = tmp_path / "run"
     env = {**cpu_env(), "DS_CONFIG": "ds_configs/zero2_offload.json"}
-    submit = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/slurm-%j.out", "slurm/train_lbmrc.sh",
-                             f"run_dir={run_dir}", *QUICK, "student.epochs=2", "checkpoint.every=3"],
+    # the script's defaults are GPU ones: its documented CPU override, 2 tasks of 1 core
+    cpu_only = ["--gres=none", "--ntasks-per-node=2", "--cpus-per-task=1"]
+    submit = subprocess.run(["sbatch", "--parsable", *cpu_only, f"--output={tmp_path}/slurm-%j.out",
+                             "slurm/train_lbmrc.sh", f"run_dir={run_dir}", *QUICK, "student.epochs=2",
+                             "checkpoint.every=3"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dist_xqa.config import ConfigError, load_config
-from dist_xqa.roles.plan import DEFAULT_PRODUCER_SPEED_RATIO, Role, plan_roles
+from dist_xqa.plan import DEFAULT_PRODUCER_SPEED_RATIO, Role, plan_roles
 
 LANGS = ["en", "es", "de", "ar", "hi", "vi", "zh"]
 SHAPES = [(n, k) for n in (1, 2, 3, 4, 5, 7, 8, 16, 64) for k in (1, 2, 3, 4, 7)]

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 
 from dist_xqa.config import ConfigError, load_config
-from dist_xqa.prepare import DISTILL_SET, Prepared
-from dist_xqa.roles.plan import plan_roles
+from dist_xqa.jobs import DISTILL_SET
+from dist_xqa.prepared import Prepared
+from dist_xqa.plan import plan_roles
 
 from dist_xqa.logits import Producer, ShardPlan, StoreReader
-from dist_xqa.logits.producer import serve
+from dist_xqa.logits.writer import serve
 from dist_xqa.logits.shards import list_shards
 from dist_xqa.waiting import FINISHED, WAITING, Heartbeat
 from test_logit_store import TEACHERS, make_manifest, toy_logits

@@ -361,8 +361,8 @@ if __name__ == "__main__":  # the torchrun worker of the slow tests above
     import torch.distributed as dist
 
     from dist_xqa.distributed import init_distributed, load_ds_config, make_groups
-    from dist_xqa.prepare import Prepared
-    from dist_xqa.roles.plan import plan_roles
+    from dist_xqa.prepared import Prepared
+    from dist_xqa.plan import plan_roles
     from dist_xqa.roles.skd import PHASE1_JOB, run_skd
 
     cfg = worker_config(Path(sys.argv[1]), "strategy.name=skd", "strategy.skd.phase1=false", *sys.argv[2:])

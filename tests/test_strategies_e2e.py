@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForQuestionAnswering
 
-from dist_xqa.roles.xsta import load_xsta
+from dist_xqa.strategies.xsta_model import load_xsta
 from tests.test_pipeline_e2e import LANGUAGES, kill_job_when, launch, untrained_f1
 from tests.test_skd import scalars
 

@@ -26,7 +26,9 @@ import torch
 
 from dist_xqa.config import ConfigError, load_config
 from dist_xqa.eval.report import score
-from dist_xqa.prepare import DISTILL_SET, prepare, run_test_sets
+from dist_xqa.jobs import DISTILL_SET
+from dist_xqa.prepare import prepare
+from dist_xqa.prepared import run_test_sets
 
 REPO = Path(__file__).resolve().parents[1]
 XQUAD = Path(os.environ.get("DIST_XQA_XQUAD", REPO.parent / "shared" / "data" / "xquad"))
@@ -238,7 +240,7 @@ def test_a_models_evaluation_counts_unanswerable_questions_as_misses(protocol_ru
     """The evaluator's whole path (features, decoding, scoring) against the oracle, on
     the predictions it wrote: the same numbers per file, rejected questions included."""
     from dist_xqa.models import build_model
-    from dist_xqa.roles.evaluator import score_test_set
+    from dist_xqa.eval.stage import score_test_set
 
     cfg, prepared, where = protocol_run
     model = build_model(cfg.model, prepared.tokenizer(), seed=0)

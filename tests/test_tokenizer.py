@@ -63,16 +63,16 @@ def test_pair_encoding_and_bert_forward(tok_dir):
 
 
 def test_ensure_tokenizer_trains_once(tmp_path):
-    first = ensure_tokenizer(tmp_path, TEXTS, vocab_size=300)
+    first = ensure_tokenizer(tmp_path / "tokenizer", TEXTS, vocab_size=300)
 
     def unread():
         raise AssertionError("texts read although the tokenizer exists")
         yield
 
-    again = ensure_tokenizer(tmp_path, unread(), vocab_size=300)
+    again = ensure_tokenizer(tmp_path / "tokenizer", unread(), vocab_size=300)
     assert again.get_vocab() == first.get_vocab()
     with pytest.raises(ValueError, match="vocab_size"):
-        ensure_tokenizer(tmp_path, TEXTS, vocab_size=500)
+        ensure_tokenizer(tmp_path / "tokenizer", TEXTS, vocab_size=500)
 
 
 def test_a_teacher_saved_with_another_tokenizer_is_refused(tmp_path):

@@ -305,7 +305,7 @@ def test_pairs_match_windows_by_index_and_repeat_the_shorter_sides_last_window()
 
 def test_translate_test_prediction_averages_calibrated_and_own_distributions():
     from dist_xqa.config import XstaConfig
-    from dist_xqa.roles.xsta import XstaModule
+    from dist_xqa.strategies.xsta_model import XstaModule
 
     module = XstaModule(tiny_qa("eager"), XstaConfig()).eval()
     torch.manual_seed(4)
@@ -330,7 +330,7 @@ def test_the_saved_folder_loads_as_the_whole_xsta_model_and_as_the_qa_model_alon
     from transformers import AutoModelForQuestionAnswering
 
     from dist_xqa.config import XstaConfig
-    from dist_xqa.roles.xsta import XstaModule, load_xsta, save_extras
+    from dist_xqa.strategies.xsta_model import XstaModule, load_xsta, save_extras
 
     module = XstaModule(tiny_qa("eager"), XstaConfig(alignment="pair"))
     with torch.no_grad():
@@ -359,7 +359,7 @@ def test_translate_test_pairs_each_feature_with_its_source_version():
     from datasets import Dataset
 
     from dist_xqa.config import XstaConfig
-    from dist_xqa.roles.xsta import XstaModule, translate_test_scores
+    from dist_xqa.strategies.xsta_model import XstaModule, translate_test_scores
 
     module = XstaModule(tiny_qa("eager"), XstaConfig())
     rows = [("a", "en", "en", 0), ("a", "en", "en", 1), ("a", "de", "en", 0), ("a", "de", "de", 2),
@@ -400,7 +400,7 @@ def xsta_test_sets(tmp_path_factory):
     from dist_xqa.config import load_config
     from dist_xqa.models import build_model
     from dist_xqa.prepare import prepare
-    from dist_xqa.roles.xsta import XstaModule
+    from dist_xqa.strategies.xsta_model import XstaModule
     from tests.test_testsets import mlqa_pair, squad_doc, write
 
     tmp = tmp_path_factory.mktemp("xsta_eval")
@@ -471,8 +471,9 @@ def test_translate_test_evaluation_averages_with_the_source_version_and_says_so(
     """On a parallel set the X-STA student scores p~_T = (p_T|S + p_T) / 2 from each example's
     English version in the set's own English file (an oracle translation), p_T where the id
     has no English version; the section keeps p_T alone and counts the examples each way."""
-    from dist_xqa.evaluate import postprocess, score
-    from dist_xqa.roles.evaluator import score_test_set, score_xsta_test_set
+    from dist_xqa.eval.decode import postprocess
+    from dist_xqa.eval.report import score
+    from dist_xqa.eval.stage import score_test_set, score_xsta_test_set
 
     cfg, prepared, module, no_english = xsta_test_sets
     (spec,) = [s for s in cfg.data.test if s.name == "par"]
@@ -504,7 +505,7 @@ def test_mlqa_sets_and_translate_test_off_score_p_t_alone_and_say_why(xsta_test_
     p_T alone, stated. strategy.xsta.translate_test=false: p_T alone on a parallel set too."""
     from dataclasses import replace
 
-    from dist_xqa.roles.evaluator import score_test_set, score_xsta_test_set
+    from dist_xqa.eval.stage import score_test_set, score_xsta_test_set
 
     cfg, prepared, module, _ = xsta_test_sets
     off = replace(cfg, strategy=replace(cfg.strategy, xsta=replace(cfg.strategy.xsta, translate_test=False)))

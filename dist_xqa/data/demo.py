@@ -483,15 +483,15 @@ def generate_demo_corpus(out_dir: str | os.PathLike, languages: tuple[str, ...] 
 PARAMS_FILE = "demo_params.json"
 
 
-def ensure_demo_corpus(run_dir: str | os.PathLike, languages: tuple[str, ...] = SUPPORTED_LANGUAGES,
+def ensure_demo_corpus(data_dir: str | os.PathLike, languages: tuple[str, ...] = SUPPORTED_LANGUAGES,
                        n_articles: int = 60, seed: int = 0, noise: float = DEMO_NOISE) -> dict[str, Path]:
-    """Returns the demo corpus under `run_dir/data/`, generating it on first use only.
+    """Returns the demo corpus in the folder `data_dir`, generating it on first use only.
 
-    The parameters (and GENERATOR_VERSION) are recorded in `data/demo_params.json`, written
+    The parameters (and GENERATOR_VERSION) are recorded in `data_dir/demo_params.json`, written
     after the corpus files; a later call with the same parameters reuses the files, one with
     different parameters regenerates them. Unlike generate_demo_corpus, the default noise is
     DEMO_NOISE: this is the corpus the demo run trains on."""
-    data_dir = Path(run_dir) / "data"
+    data_dir = Path(data_dir)
     params = {"generator_version": GENERATOR_VERSION, "languages": list(languages),
               "n_articles": n_articles, "seed": seed, "noise": noise}
     params_path = data_dir / PARAMS_FILE

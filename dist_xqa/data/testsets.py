@@ -23,7 +23,7 @@ from pathlib import Path
 from dist_xqa.config import EvalSetConfig
 from dist_xqa.data.loader import load_squad
 from dist_xqa.data.records import DataError, DataReport, QAExample
-from dist_xqa.eval.gold import read_gold
+from dist_xqa.data.gold import read_gold
 
 Key = tuple[str, str, str]
 

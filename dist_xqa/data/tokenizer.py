@@ -64,15 +64,15 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
     return fast
 
 
-def ensure_tokenizer(run_dir: str | os.PathLike, texts: Iterable[str], vocab_size: int = 2000,
+def ensure_tokenizer(target: str | os.PathLike, texts: Iterable[str], vocab_size: int = 2000,
                      model_max_length: int = 512) -> PreTrainedTokenizerFast:
-    """Returns the run's tokenizer in `run_dir/tokenizer`, training it from `texts` on
+    """Returns the run's tokenizer in the folder `target`, training it from `texts` on
     first use only (texts are not read when it exists). Every role of a run must tokenize
     alike, so a later call with other training parameters is refused, not retrained.
 
     Trained in a temporary folder and renamed into place, so ranks racing here all end up
     loading the one tokenizer that won."""
-    target = Path(run_dir) / "tokenizer"
+    target = Path(target)
     params = {"vocab_size": vocab_size, "model_max_length": model_max_length}
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

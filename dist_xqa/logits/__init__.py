@@ -6,12 +6,12 @@ precomputing" and "Shards"). Producers and the student share only files:
     <store>/<teacher>/shard_NNNNNN.safetensors   one teacher's logits for one shard (shards.py)
     <store>/<teacher>/heartbeat.json       the producer's last sign of life (progress.py)
 
-order.py fixes shard contents and each epoch's shard order; producer.py writes shards a
+order.py fixes shard contents and each epoch's shard order; writer.py (Producer) writes shards a
 bounded look-ahead ahead of the student; reader.py is the student's side.
 """
 from dist_xqa.logits.manifest import Manifest, StoreMismatchError, hash_checkpoint, hash_features, prepare_store, read_manifest
 from dist_xqa.logits.order import ShardPlan, rank_rows
-from dist_xqa.logits.producer import Producer
+from dist_xqa.logits.writer import Producer
 from dist_xqa.logits.progress import StoreTimeout
 from dist_xqa.logits.reader import ShardLogits, StoreReader, StreamStats
 from dist_xqa.logits.shards import ShardData, ShardError, read_shard, shard_path, write_shard

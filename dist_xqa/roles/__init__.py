@@ -1,7 +1,3 @@
-"""Roles of the one torch.distributed world: the role plan (which ranks train which
-teacher, produce which teacher's logits, train the student) and the code each role runs."""
-from __future__ import annotations
-
-from dist_xqa.roles.plan import ProducerAssignment, Role, RoleGroup, RolePlan, plan_roles
-
-__all__ = ["ProducerAssignment", "Role", "RoleGroup", "RolePlan", "plan_roles"]
+"""The code each role of the one torch.distributed world runs: phase 1's supervised
+training (teachers, baselines), phase 2's producers and student (LBMRC), X-STA and SKD.
+Which ranks play which role is the role plan (dist_xqa.plan)."""

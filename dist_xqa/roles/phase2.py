@@ -15,9 +15,11 @@ import torch.distributed as dist
 from dist_xqa.config import RunConfig, batch_for_group
 from dist_xqa.distributed import TrainingGroup
 from dist_xqa.logits import Manifest, ShardPlan, hash_checkpoint
-from dist_xqa.logits.producer import serve
-from dist_xqa.prepare import DISTILL_SET, Prepared
-from dist_xqa.roles.plan import RolePlan
+from dist_xqa.jobs import DISTILL_SET
+from dist_xqa.layout import RunLayout
+from dist_xqa.logits.writer import serve
+from dist_xqa.prepared import Prepared
+from dist_xqa.plan import RolePlan
 from dist_xqa.roles.producer import check_teacher_tokenizers, rank_producers
 from dist_xqa.roles.student import train_student
 from dist_xqa.waiting import wait_for_run_files
@@ -27,16 +29,16 @@ TEACHER_WAIT_POLL_S = 2.0
 
 def run_phase2(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan,
                groups: dict[str, TrainingGroup], device: torch.device) -> None:
-    out_dir = cfg.run_path / "student"
-    if (out_dir / "DONE.json").exists():
+    layout = RunLayout(cfg.run_path)
+    if layout.done(layout.student).exists():
         return
     rank = dist.get_rank()
     teachers = list(plan.teachers)
-    teacher_dirs = {t: cfg.run_path / "teachers" / t for t in teachers}
+    teacher_dirs = {t: layout.phase1_model(t, teacher=True) for t in teachers}
     # Phase 1 and 2 meet through files: every teacher must be saved.
-    wait_for_run_files(cfg.run_path, [d / "DONE.json" for d in teacher_dirs.values()], cfg.run.stall_timeout_s,
+    wait_for_run_files(cfg.run_path, [layout.done(d) for d in teacher_dirs.values()], cfg.run.stall_timeout_s,
                        "phase 2 waiting for the teachers", roles="teacher_*",
-                       expected=[f"teacher_{t}" for t in teachers], poll_s=TEACHER_WAIT_POLL_S)
+                       expected=[layout.model_name(d) for d in teacher_dirs.values()], poll_s=TEACHER_WAIT_POLL_S)
     check_teacher_tokenizers(teacher_dirs, prepared.settings)
 
     scfg = batch_for_group(cfg.student, plan.student.size)

@@ -1,8 +1,8 @@
 """Phase 2's producer role: a frozen teacher's logits over the distillation set D, written
-to the logit store a bounded number of shards ahead of the student (logits/producer.py:
+to the logit store a bounded number of shards ahead of the student (logits/writer.py:
 Producer, serve). roles/phase2.py builds each rank's producers with `rank_producers`.
 
-The role plan (roles/plan.py, `plan.producers`) puts producers on dedicated ranks, which
+The role plan (plan.py, `plan.producers`) puts producers on dedicated ranks, which
 only produce (serve) until the student's heartbeat says it finished, or shares the
 student's ranks, where each student rank runs its producers' steps while it waits for the
 store (roles/student.py). Either way a producer follows the student's progress file and
@@ -18,10 +18,10 @@ import torch
 from dist_xqa.config import RunConfig
 from dist_xqa.data.features import TokenizerSettings
 from dist_xqa.inference import label_tensors, predict_logits
+from dist_xqa.layout import STUDENT, RunLayout
 from dist_xqa.logits import Manifest, Producer, ShardPlan
 from dist_xqa.models import load_tokenizer, load_trained
-from dist_xqa.roles.plan import RolePlan
-from dist_xqa.roles.student import STUDENT_ROLE
+from dist_xqa.plan import RolePlan
 from dist_xqa.waiting import role_heartbeats
 
 
@@ -53,12 +53,12 @@ def rank_producers(cfg: RunConfig, plan: RolePlan, rank: int, teacher_dirs: dict
     """The producers rank `rank` runs: one for each teacher part the plan gives it (none on
     a student rank without producers)."""
     return [
-        Producer(cfg.run_path / "logits", t, shard_plan,
+        Producer(RunLayout(cfg.run_path).store, t, shard_plan,
                  teacher_compute(teacher_dirs[t], features, row_of, cfg.eval.batch_size, device),
                  cfg.distill.lookahead_shards, epochs, manifest=manifest,
                  answer_mask=lambda ids: label_tensors(features, [row_of[f] for f in ids], torch.device("cpu"))[0],
                  stall_timeout_s=cfg.run.stall_timeout_s,
-                 student_beats=lambda: role_heartbeats(cfg.run_path, STUDENT_ROLE),
+                 student_beats=lambda: role_heartbeats(cfg.run_path, STUDENT),
                  part=(p.ranks.index(rank), len(p.ranks)),
                  placebo_seed=cfg.seed if cfg.distill.placebo_shuffle else None)
         for p in plan.producers if rank in p.ranks for t in [p.teacher]

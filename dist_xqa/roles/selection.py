@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 
 from dist_xqa.config import RunConfig
-from dist_xqa.evaluate import postprocess, score
+from dist_xqa.eval.decode import postprocess
+from dist_xqa.eval.report import score
 from dist_xqa.files import write_json
+from dist_xqa.layout import RunLayout
 from dist_xqa.models import save_hf
 from dist_xqa.monitor import Monitor
 from dist_xqa.roles.loop import LoopState, full_state_dict, group_predict
@@ -50,5 +52,5 @@ def select_and_save(engine, tokenizer, dev_features, dev_examples, out_dir: Path
 
 def write_done(out_dir: Path, cfg: RunConfig, state: LoopState, epochs: int, dev_size: int) -> None:
     selection = "best dev F1" if cfg.eval.select_on_dev and dev_size else "last epoch (no dev selection)"
-    write_json(out_dir / "DONE.json", {"selected_epoch": state.best_epoch + 1, "dev_f1": state.best_metric,
+    write_json(RunLayout.done(out_dir), {"selected_epoch": state.best_epoch + 1, "dev_f1": state.best_metric,
                                        "selection": selection, "epochs": epochs})

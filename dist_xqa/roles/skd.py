@@ -36,14 +36,16 @@ from dist_xqa.data.parallel import ParallelSet, align
 from dist_xqa.data.records import QAExample
 from dist_xqa.distributed import TrainingGroup, build_engine, release_engine
 from dist_xqa.inference import label_tensors, model_inputs
+from dist_xqa.jobs import SKD_PHASE1_JOB, STUDENT_SETS, dev_set, job_dir, phase1_jobs
+from dist_xqa.layout import STUDENT, RunLayout
 from dist_xqa.logits import Manifest, Producer, ShardPlan, StoreReader, hash_checkpoint
 from dist_xqa.logits.order import rank_rows
 from dist_xqa.logits.shards import dense_logits
 from dist_xqa.models import build_model, load_trained, save_hf
 from dist_xqa.monitor import DeviceScalars, Monitor
-from dist_xqa.prepare import SKD_PHASE1_JOB, Prepared
+from dist_xqa.prepared import Prepared
 from dist_xqa.roles.loop import GroupLoop, LoopState, full_state_dict
-from dist_xqa.roles.plan import RolePlan
+from dist_xqa.plan import RolePlan
 from dist_xqa.roles.producer import teacher_compute
 from dist_xqa.roles.selection import select_and_save, write_done
 from dist_xqa.strategies.skd import map_at_k, skd_loss
@@ -51,8 +53,8 @@ from dist_xqa.waiting import wait_for_run_files
 
 log = logging.getLogger(__name__)
 PHASE1_JOB = SKD_PHASE1_JOB
-TRAIN_SET = "mixmrc"  # every question x passage pair: each epoch's sample is a subset of its features
-DEV_SET = "mixmrc.dev"
+TRAIN_SET = STUDENT_SETS["skd"]  # every question x passage pair: each epoch's sample is a subset of its features
+DEV_SET = dev_set(TRAIN_SET)
 TEACHER = "self"
 Key = tuple[str, str, str]
 
@@ -100,7 +102,7 @@ def kl_coefficient(skd: SkdConfig, teacher_start: torch.Tensor, teacher_end: tor
 
 
 def teacher_dir(cfg: RunConfig, generation: int) -> Path:
-    return cfg.run_path / "skd" / f"teacher_gen{generation}"
+    return RunLayout(cfg.run_path).skd_teacher(generation)
 
 
 def snapshot_teacher(engine, tokenizer, directory: Path, group: TrainingGroup) -> None:
@@ -121,9 +123,9 @@ def initial_model(cfg: RunConfig, tokenizer) -> torch.nn.Module:
     """Where phase 2 starts: the phase-1 model, `init_from`, or a fresh model.name."""
     skd = cfg.strategy.skd
     if skd.phase1:
-        phase1 = cfg.run_path / "models" / PHASE1_JOB
-        wait_for_run_files(cfg.run_path, [phase1 / "DONE.json"], cfg.run.stall_timeout_s,
-                           "self-distillation waiting for its phase-1 model", expected=[f"model_{PHASE1_JOB}"])
+        phase1 = job_dir(cfg, next(job for job in phase1_jobs(cfg) if job.name == PHASE1_JOB))
+        wait_for_run_files(cfg.run_path, [RunLayout.done(phase1)], cfg.run.stall_timeout_s,
+                           "self-distillation waiting for its phase-1 model", expected=[RunLayout.model_name(phase1)])
         return load_trained(phase1)
     if skd.init_from:
         return load_trained(skd.init_from)
@@ -155,8 +157,9 @@ def run_skd(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan,
             groups: dict[str, TrainingGroup], device: torch.device) -> None:
     """Phase 2 of strategy skd on the student group, which must span every rank (the
     producers share the student ranks: build the plan with student_min_ranks=world size)."""
-    out_dir = cfg.run_path / "student"
-    if (out_dir / "DONE.json").exists():
+    layout = RunLayout(cfg.run_path)
+    out_dir = layout.student
+    if layout.done(out_dir).exists():
         return
     if dist.get_rank() not in plan.student.ranks:
         raise ValueError("strategy skd runs its teacher producers on the student ranks: the role plan's student "
@@ -172,7 +175,7 @@ def run_skd(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan,
     source_lang = cfg.data.source_lang
     ps = source_parallel_set(prepared.examples(TRAIN_SET), cfg.train_languages)
     shard_size = scfg.micro_batch_size * scfg.grad_accum * group.size
-    store = cfg.run_path / "logits"
+    store = layout.store
     distil = skd.coefficient != "none"
 
     def epoch_plan(epoch: int) -> ShardPlan:
@@ -183,7 +186,7 @@ def run_skd(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan,
                           weight_decay=scfg.weight_decay, micro_batch_size=scfg.micro_batch_size,
                           gradient_accumulation_steps=scfg.grad_accum,
                           total_steps=len(epoch_plan(0)) * scfg.epochs, warmup_ratio=scfg.warmup_ratio)
-    monitor = Monitor(cfg.run_path, "student", enabled=group.rank == 0, every=cfg.monitor.every)
+    monitor = Monitor(cfg.run_path, STUDENT, enabled=group.rank == 0, every=cfg.monitor.every)
     current: list[Generation] = []
 
     def generation(epoch: int) -> Generation:
@@ -253,14 +256,14 @@ def run_skd(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan,
     def end_of_epoch(epoch: int, state: LoopState) -> None:
         scalars.flush(state.global_step)
         select_and_save(engine, tokenizer, dev_features, dev_examples, out_dir, cfg, group, state, epoch,
-                        monitor, "student", device)
+                        monitor, STUDENT, device)
 
     def commit(state: LoopState) -> None:
         # Shards behind a mid-epoch checkpoint are never read again by a resumed student.
         if current and current[0].reader is not None and state.epoch == current[0].epoch:
             current[0].reader.commit_progress(0, state.step_in_epoch)
 
-    loop = GroupLoop(engine, group, cfg.run_path / "checkpoints" / "student", cfg.checkpoint,
+    loop = GroupLoop(engine, group, layout.checkpoints(STUDENT), cfg.checkpoint,
                      desc="student (skd)", show_progress=group.rank == 0)
     if group.rank == 0:
         loop.on_checkpoint = commit

@@ -32,6 +32,8 @@ from dist_xqa import kernels
 from dist_xqa.config import DistillConfig, RunConfig, batch_for_group
 from dist_xqa.distributed import TrainingGroup, build_engine, release_engine
 from dist_xqa.inference import LABELS, input_columns
+from dist_xqa.jobs import DISTILL_SET, dev_set
+from dist_xqa.layout import STUDENT, RunLayout
 from dist_xqa.logits import Manifest, Producer, ShardPlan, StoreReader
 from dist_xqa.logits.order import rank_rows
 from dist_xqa.logits.reader import ReadAhead, logits_to
@@ -39,14 +41,13 @@ from dist_xqa.logits.shards import Logits, dense_logits
 from dist_xqa.losses import student_loss
 from dist_xqa.models import build_model
 from dist_xqa.monitor import DeviceScalars, Monitor
-from dist_xqa.prepare import DISTILL_SET, Prepared
+from dist_xqa.prepared import Prepared
 from dist_xqa.roles.loop import GroupLoop, LoopState
 from dist_xqa.roles.selection import select_and_save, write_done
 from dist_xqa.roles.trace import StepTrace, trace_path
 from dist_xqa.waiting import WAITING, Heartbeat, role_heartbeat
 
 log = logging.getLogger(__name__)
-STUDENT_ROLE = "student"  # its heartbeats: <run>/heartbeats/student.<rank>.json
 STREAM_STATS_EVERY = 10  # student steps between logit-stream statistics
 READ_AHEAD_STEPS = 2  # steps whose inputs the side thread prepares ahead of the student
 
@@ -286,24 +287,25 @@ def train_student(cfg: RunConfig, prepared: Prepared, ds_config: dict, group: Tr
                   device: torch.device, features, shard_plan: ShardPlan,
                   manifest: Manifest, teachers: list[str], producers: list[Producer]) -> None:
     scfg, kd = batch_for_group(cfg.student, group.size), cfg.distill
-    out_dir = cfg.run_path / "student"
+    layout = RunLayout(cfg.run_path)
+    out_dir = layout.student
     tokenizer = prepared.tokenizer()
-    dev_features, dev_examples = prepared.features(f"{DISTILL_SET}.dev"), prepared.examples(f"{DISTILL_SET}.dev")
+    dev_features, dev_examples = prepared.features(dev_set(DISTILL_SET)), prepared.examples(dev_set(DISTILL_SET))
     languages = sorted(set(features["context_lang"]))
     options = kd_options(kd, fixed_weights(cfg, teachers))
     engine = build_engine(build_model(cfg.model, tokenizer, seed=cfg.seed + 1), ds_config, group,
                           lr=scfg.lr, weight_decay=scfg.weight_decay, micro_batch_size=scfg.micro_batch_size,
                           gradient_accumulation_steps=scfg.grad_accum, total_steps=len(shard_plan) * scfg.epochs,
                           warmup_ratio=scfg.warmup_ratio)
-    monitor = Monitor(cfg.run_path, "student", enabled=group.rank == 0, every=cfg.monitor.every)
+    monitor = Monitor(cfg.run_path, STUDENT, enabled=group.rank == 0, every=cfg.monitor.every)
     scalars = StudentScalars(monitor, languages, teachers, imp=kd.aggregation == "imp")
-    heartbeat = Heartbeat(role_heartbeat(cfg.run_path, STUDENT_ROLE, group.rank), STUDENT_ROLE)
+    heartbeat = Heartbeat(role_heartbeat(cfg.run_path, STUDENT, group.rank), STUDENT)
     # The reader runs on the read-ahead thread: it beats no heartbeat (the main thread
     # does while it waits for the thread, below).
     # A precomputed store keeps every shard to the end (its budget was checked at start-up,
     # disk.check_precompute_budget): the reader evicts none of them.
     budget = int(kd.disk_budget_gb * 2**30) if kd.store_mode == "cache" and not kd.precompute else None
-    reader = StoreReader(cfg.run_path / "logits", teachers, shard_plan, manifest, cfg.run.stall_timeout_s,
+    reader = StoreReader(layout.store, teachers, shard_plan, manifest, cfg.run.stall_timeout_s,
                          kd.store_mode, budget, lookahead=kd.lookahead_shards, writer=group.rank == 0)
     inputs = StudentInputs(lambda epoch: ShardBatches(features, shard_plan, epoch, group.rank, group.size,
                                                       scfg.grad_accum, languages),
@@ -315,9 +317,9 @@ def train_student(cfg: RunConfig, prepared: Prepared, ds_config: dict, group: Tr
     def end_of_epoch(epoch: int, state: LoopState) -> None:
         train_step.flush(state.global_step)
         select_and_save(engine, tokenizer, dev_features, dev_examples, out_dir, cfg, group, state, epoch,
-                        monitor, "student", device)
+                        monitor, STUDENT, device)
 
-    loop = GroupLoop(engine, group, cfg.run_path / "checkpoints" / "student", cfg.checkpoint,
+    loop = GroupLoop(engine, group, layout.checkpoints(STUDENT), cfg.checkpoint,
                      desc="student", show_progress=group.rank == 0, heartbeat=heartbeat)
     if group.rank == 0:
         # Shards behind a checkpoint are never read again by a resumed student: free them.

@@ -12,7 +12,6 @@ in Hugging Face format (roles/selection.py); without a dev set, the last epoch.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,10 +20,12 @@ import torch.distributed as dist
 from dist_xqa.config import RunConfig, TrainConfig, batch_for_group
 from dist_xqa.distributed import TrainingGroup, build_engine, release_engine
 from dist_xqa.inference import label_tensors, model_inputs
+from dist_xqa.jobs import Job, job_dir
+from dist_xqa.layout import RunLayout
 from dist_xqa.losses import span_nll
 from dist_xqa.models import build_model
 from dist_xqa.monitor import Monitor
-from dist_xqa.prepare import Job, Prepared
+from dist_xqa.prepared import Prepared
 from dist_xqa.roles.loop import GroupLoop, LoopState, epoch_order, rank_slice
 from dist_xqa.roles.selection import select_and_save, write_done
 from dist_xqa.waiting import Heartbeat, role_heartbeat
@@ -34,16 +35,12 @@ def micro_batches(rows: list[int], micro_batch_size: int) -> list[list[int]]:
     return [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)] or [[]]
 
 
-def output_dir(cfg: RunConfig, job: Job) -> Path:
-    sub = "teachers" if cfg.strategy.name == "lbmrc" else "models"
-    return cfg.run_path / sub / job.name
-
-
 def train_job(job: Job, cfg: RunConfig, prepared: Prepared, ds_config: dict, group: TrainingGroup,
               device: torch.device) -> None:
     """Train `job` on the ranks of `group` (every rank of the group calls this)."""
-    out_dir = output_dir(cfg, job)
-    if (out_dir / "DONE.json").exists():
+    layout = RunLayout(cfg.run_path)
+    out_dir = job_dir(cfg, job)
+    if layout.done(out_dir).exists():
         return
     tcfg: TrainConfig = batch_for_group(cfg.teacher, group.size)
     group_rank, group_size = group.rank, group.size
@@ -58,7 +55,7 @@ def train_job(job: Job, cfg: RunConfig, prepared: Prepared, ds_config: dict, gro
                           micro_batch_size=tcfg.micro_batch_size, gradient_accumulation_steps=tcfg.grad_accum,
                           total_steps=steps * tcfg.epochs, warmup_ratio=tcfg.warmup_ratio)
     tag = f"teacher/{job.name}" if cfg.strategy.name == "lbmrc" else f"model/{job.name}"
-    monitor = Monitor(cfg.run_path, tag.replace("/", "_"), enabled=group_rank == 0, every=cfg.monitor.every)
+    monitor = Monitor(cfg.run_path, layout.model_name(out_dir), enabled=group_rank == 0, every=cfg.monitor.every)
 
     def train_step(epoch: int, i: int, state: LoopState) -> None:
         order = epoch_order(len(features), seed, epoch)
@@ -79,8 +76,8 @@ def train_job(job: Job, cfg: RunConfig, prepared: Prepared, ds_config: dict, gro
         select_and_save(engine, tokenizer, dev_features, dev_examples, out_dir, cfg, group, state, epoch,
                         monitor, tag, device)
 
-    role = tag.replace("/", "_")  # teacher_<lang> | model_<name>: what the evaluator calls the model
-    loop = GroupLoop(engine, group, cfg.run_path / "checkpoints" / role, cfg.checkpoint, desc=job.name,
+    role = layout.model_name(out_dir)  # teacher_<lang> | model_<name>
+    loop = GroupLoop(engine, group, layout.checkpoints(role), cfg.checkpoint, desc=job.name,
                      show_progress=group_rank == 0,
                      heartbeat=Heartbeat(role_heartbeat(cfg.run_path, role, group_rank), role))
     state = loop.run(tcfg.epochs, lambda epoch: steps, train_step, end_of_epoch)

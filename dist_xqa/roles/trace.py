@@ -32,13 +32,11 @@ from pathlib import Path
 
 import torch
 
+from dist_xqa.layout import RunLayout
 from dist_xqa.logits.shards import Logits, TopKLogits
 
-TRACE_DIR = "trace"
-
-
 def trace_path(run_dir: str | Path, group_rank: int) -> Path:
-    return Path(run_dir) / TRACE_DIR / f"student.{group_rank}.jsonl"
+    return RunLayout(run_dir).trace_file(group_rank)
 
 
 def _host_parts(logits: Logits) -> list[torch.Tensor]:
@@ -124,7 +122,7 @@ def features_read(run_dir: str | Path) -> dict[int, Counter]:
     """Per epoch, how often each feature was trained on over every student rank, from each
     step's last record (micro-batches of weight 0 stepped on a borrowed row: not counted)."""
     reads: dict[int, Counter] = {}
-    for path in sorted((Path(run_dir) / TRACE_DIR).glob("student.*.jsonl")):
+    for path in sorted(RunLayout(run_dir).trace.glob("*.jsonl")):
         for step in last_steps(path).values():
             for micro in step["micro"]:
                 if micro["weight"] != 0:

@@ -1,11 +1,6 @@
-"""Evaluation of extractive QA predictions, and its command line.
+"""The command line that scores a prediction file, like the official scripts:
 
-Library: `postprocess` (scores -> answer texts), `score` (EM/F1 report per language pair,
-XLT, G-XLT, matrix), the metrics of the official scripts in `dist_xqa.eval.metrics`.
-
-Command line, like the official scripts:
-
-    python -m dist_xqa.evaluate DATASET.json PREDICTIONS.json [--normalization squad|mlqa] [--lang LL]
+    python -m dist_xqa.eval DATASET.json PREDICTIONS.json [--normalization squad|mlqa] [--lang LL]
 
 prints {"exact_match": ..., "f1": ...}; PREDICTIONS is {id: answer_text}. `--lang` is the
 answer language, required by `mlqa`. With `--matrix`, DATASET is a folder with one file per
@@ -23,15 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from dist_xqa.data.records import DataError, QAExample
-from dist_xqa.eval.decode import postprocess
-from dist_xqa.eval.gold import read_gold, read_parallel_gold
-from dist_xqa.eval.metrics import NORMALIZATIONS, exact_match, f1, max_over_ground_truths, normalizer
+from dist_xqa.data.gold import read_gold, read_parallel_gold
+from dist_xqa.eval.metrics import NORMALIZATIONS
 from dist_xqa.eval.report import Key, pair_name, score
-
-__all__ = [
-    "NORMALIZATIONS", "exact_match", "f1", "max_over_ground_truths", "normalizer",
-    "postprocess", "score", "main",
-]
 
 # Language recorded for a single file scored with `squad`, whose rules ignore the language.
 UNDETERMINED_LANG = "und"
@@ -40,7 +29,7 @@ UNDETERMINED_LANG = "und"
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m dist_xqa.evaluate", description="EM/F1 of extractive QA predictions."
+        prog="python -m dist_xqa.eval", description="EM/F1 of extractive QA predictions."
     )
     parser.add_argument(
         "dataset", help="SQuAD-format JSON file (with --matrix: a folder, one file per language)"
@@ -135,7 +124,3 @@ def _warn_unanswered(examples: Sequence[QAExample], predictions: dict[Key, str],
 
 def _first(items: Sequence[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + (" ..." if len(items) > n else "")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

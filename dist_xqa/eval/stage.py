@@ -25,26 +25,22 @@ import torch
 import torch.distributed as dist
 
 from dist_xqa.config import EvalSetConfig, RunConfig
-from dist_xqa.evaluate import postprocess, score
+from dist_xqa.eval.decode import postprocess
+from dist_xqa.eval.report import score
 from dist_xqa.files import read_json, write_json
 from dist_xqa.inference import predict_logits
+from dist_xqa.layout import EVAL, RunLayout
 from dist_xqa.models import load_trained
 from dist_xqa.monitor import Monitor
-from dist_xqa.prepare import Prepared, PreparedTestSet, run_test_sets
-from dist_xqa.roles.xsta import EXTRAS_CONFIG as XSTA_EXTRAS, XstaModule, load_xsta, translate_test_scores
+from dist_xqa.prepared import Prepared, PreparedTestSet, run_test_sets
+from dist_xqa.strategies.xsta_model import XstaModule, is_xsta, load_xsta, translate_test_scores
 from dist_xqa.waiting import (FINISHED, Heartbeat, StallWatch, role_heartbeat, role_heartbeats,
                               wait_for_run_files, wait_until)
 
 log = logging.getLogger(__name__)
 REPORT_KEYS = ("per_language", "xlt", "g_xlt", "pooled", "matrix")
-# X-STA's sections add how they were scored and p_T alone (dist_xqa.roles.xsta)
+# X-STA's sections add how they were scored and p_T alone (score_xsta_test_set)
 SUMMARY_KEYS = REPORT_KEYS + ("normalization", "format", "inference", "p_T_alone")
-
-
-def model_name(model_dir: Path) -> str:
-    """The name a model's results go under: teacher_<lang>, model_<baseline> or student."""
-    parent = model_dir.parent.name
-    return f"{parent[:-1]}_{model_dir.name}" if parent in ("teachers", "models") else model_dir.name
 
 
 def score_test_set(model, spec: EvalSetConfig, cfg: RunConfig, prepared: Prepared, device: torch.device,
@@ -72,11 +68,6 @@ def _scored(test: PreparedTestSet, features, start, end, spec: EvalSetConfig, cf
     return report, {"|".join(k): v for k, v in preds.items()}
 
 
-def is_xsta(model_dir: Path) -> bool:
-    """A model saved by strategy xsta: its sharing and calibration modules lie beside it."""
-    return (model_dir / XSTA_EXTRAS).exists()
-
-
 def inference_settings(cfg: RunConfig) -> dict:
     """The run-config keys an X-STA model's scores depend on at evaluation: a result scored
     under other settings is redone."""
@@ -100,7 +91,7 @@ def score_xsta_test_set(module: XstaModule, spec: EvalSetConfig, cfg: RunConfig,
                         device: torch.device, desc: str) -> tuple[dict, dict]:
     """score_test_set for an X-STA model. Where `strategy.xsta.translate_test` is on and the
     set gives the examples' source-language versions, the section scores translate-test
-    (`roles.xsta.translate_test_scores`: p~_T = (p_T|S + p_T) / 2 for an example with its
+    (`strategies.xsta_model.translate_test_scores`: p~_T = (p_T|S + p_T) / 2 for an example with its
     source version, p_T for one without) and keeps p_T alone under "p_T_alone"; otherwise
     it scores p_T alone. "inference" says which: the source file (an oracle translation),
     how many answerable examples were scored each way, and why the p_T ones were."""
@@ -147,7 +138,7 @@ def evaluate_model(model_dir: Path, cfg: RunConfig, prepared: Prepared, device: 
         heartbeat.beat()
         sections[spec.name], predictions[spec.name] = scorer(
             spec, cfg, prepared, device, desc=f"eval {model_dir.name} on {spec.name}")
-    return {"model_dir": str(model_dir), "selection": json.loads((model_dir / "DONE.json").read_text()),
+    return {"model_dir": str(model_dir), "selection": json.loads(RunLayout.done(model_dir).read_text()),
             "dev": prepared.info["dev"], "test_sets": sections, "predictions": predictions}
 
 
@@ -155,7 +146,7 @@ def _is_current(out: Path, model_dir: Path, fingerprints: dict[str, str], cfg: R
     """An existing result counts when it is newer than the model and holds every test set
     of the run, each prepared the same way (and, for X-STA, scored with the same
     inference settings)."""
-    if not out.exists() or out.stat().st_mtime < (model_dir / "DONE.json").stat().st_mtime:
+    if not out.exists() or out.stat().st_mtime < RunLayout.done(model_dir).stat().st_mtime:
         return False
     settings = inference_settings(cfg) if is_xsta(model_dir) else None
     sections = (read_json(out) or {}).get("test_sets", {})
@@ -185,31 +176,31 @@ def evaluate_all(cfg: RunConfig, prepared: Prepared, device: torch.device, model
     may still be training it); rank 0 waits for the other ranks' results as long as their
     evaluation beats."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    eval_dir = cfg.run_path / "eval"
+    layout = RunLayout(cfg.run_path)
     stall_s = cfg.run.stall_timeout_s
     specs = run_test_sets(cfg, prepared)
     fingerprints = {spec.name: prepared.test_set(spec.name).info["fingerprint"] for spec in specs}
-    models = [(model_name(d), d) for d in model_dirs]
-    heartbeat = Heartbeat(role_heartbeat(cfg.run_path, "eval", rank), "eval")
+    models = [(layout.model_name(d), d) for d in model_dirs]
+    heartbeat = Heartbeat(role_heartbeat(cfg.run_path, EVAL, rank), EVAL)
     with heartbeat.guard():
         for i, (name, model_dir) in enumerate(models):
             if i % world != rank:
                 continue
-            wait_for_run_files(cfg.run_path, [model_dir / "DONE.json"], stall_s, f"evaluation waiting for model {name}")
+            wait_for_run_files(cfg.run_path, [layout.done(model_dir)], stall_s, f"evaluation waiting for model {name}")
             heartbeat.beat(i)
-            out = eval_dir / f"{name}.json"
+            out = layout.eval_result(name)
             if not _is_current(out, model_dir, fingerprints, cfg):
                 write_json(out, evaluate_model(model_dir, cfg, prepared, device, heartbeat))
         heartbeat.beat(len(models), state=FINISHED)
     if rank != 0:
         return
-    outs = [eval_dir / f"{name}.json" for name, _ in models]
+    outs = [layout.eval_result(name) for name, _ in models]
     # Results another rank is still writing (or rewriting, a test set was added).
-    watch = StallWatch(lambda: role_heartbeats(cfg.run_path, "eval"), stall_s, "evaluation waiting for results")
+    watch = StallWatch(lambda: role_heartbeats(cfg.run_path, EVAL), stall_s, "evaluation waiting for results")
     stale = lambda: [str(out) for out, (_, d) in zip(outs, models) if not _is_current(out, d, fingerprints, cfg)]  # noqa: E731
     wait_until(lambda: not stale(), watch, lambda: f" (not current: {stale()})")
-    reports = {name: json.loads((eval_dir / f"{name}.json").read_text()) for name, _ in models}
-    monitor = Monitor(cfg.run_path, "eval", enabled=True)
+    reports = {name: json.loads(layout.eval_result(name).read_text()) for name, _ in models}
+    monitor = Monitor(cfg.run_path, EVAL, enabled=True)
     for name, rep in reports.items():
         for set_name, section in rep["test_sets"].items():
             for lang, s in section["per_language"].items():
@@ -220,9 +211,9 @@ def evaluate_all(cfg: RunConfig, prepared: Prepared, device: torch.device, model
                       "test_sets": {set_name: {k: section[k] for k in SUMMARY_KEYS if k in section}
                                     for set_name, section in rep["test_sets"].items()}}
                for name, rep in reports.items()}
-    write_json(eval_dir / "summary.json", summary)
+    write_json(layout.eval_summary, summary)
     text = "\n\n".join(_set_table(spec, reports) for spec in specs)
-    (eval_dir / "table.txt").write_text(text + "\n")
+    layout.eval_table.write_text(text + "\n")
     print(f"\nModels selected on {prepared.info['dev']}.\n\n{text}\n", flush=True)
 
 
