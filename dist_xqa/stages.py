@@ -241,6 +241,7 @@ def check_rerun(cfg: RunConfig, redo: set[str]) -> None:
     recorded = {s: _config_settings((read_json(record_path(cfg, s)) or {}).get("settings")) for s in names}
     current = {s: stage_settings(cfg, s, phase1_weights(cfg) if s == "distill" and recorded[s] else None)
                for s in names}
+    recorded = {s: _with_later_defaults(recorded[s], stage_settings(RunConfig(), s)) for s in names}
     outputs = {s: stage_outputs(cfg, s) for s in names}
     after_teachers = {STAGES[STAGES.index("teachers") + 1]} if models else set()
     layout = RunLayout(cfg.run_path)
@@ -296,6 +297,15 @@ def effective_batches(cfg: RunConfig, plan, student: bool) -> dict[str, dict[str
         roles.append(("distill", cfg.student, [plan.student]))
     return {stage: {group.name: train.micro_batch_size * train.grad_accum * group.size for group in groups}
             for stage, train, groups in roles if train.global_batch_size is None and groups}
+
+
+def _with_later_defaults(recorded: dict | None, defaults: dict[str, Any]) -> dict | None:
+    """A record with the keys added to the config since it was written, at their defaults:
+    a key is added with a default that computes what the code before it computed, so a
+    stage made then was made with the default. A rerun that sets such a key to another
+    value still differs from the record."""
+    return None if recorded is None else {**{k: v for k, v in defaults.items() if not k.startswith("weights.")},
+                                          **recorded}
 
 
 def _config_settings(recorded: dict | None) -> dict | None:

@@ -146,6 +146,20 @@ def fake_run(run_dir: Path) -> dict[Path, str]:
     return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()}
 
 
+def test_a_key_added_to_the_config_since_a_record_counts_at_its_default(tmp_path):
+    """A record written before a key existed holds no value for it: the stage was made with
+    what the key's default computes. Only a rerun that sets the key otherwise differs."""
+    run_dir = tmp_path / "run"
+    fake_run(run_dir)
+    record = run_dir / "stages" / "distill.json"
+    data = json.loads(record.read_text())
+    assert data["settings"].pop("distill.tau") == 2.0  # as if the key were newer than the record
+    record.write_text(json.dumps(data))
+    stages.check_rerun(load_config(None, [f"run_dir={run_dir}", "distill.tau=2.0"]), set())  # the default
+    with pytest.raises(ConfigError, match=r"distill\.tau: 2\.0 -> 1\.5"):
+        stages.check_rerun(load_config(None, [f"run_dir={run_dir}", "distill.tau=1.5"]), set())
+
+
 def test_check_rerun_refuses_then_redo_removes_exactly_the_student_and_what_follows(tmp_path):
     run_dir = tmp_path / "run"
     files = fake_run(run_dir)
