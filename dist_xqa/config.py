@@ -203,6 +203,10 @@ class XstaConfig:
     # Normalise the final states the calibration attention reads with batch token statistics
     # (padding excluded; running statistics at inference); false: "w/o normalisation".
     normalize: bool = True
+    # Whose statistics (the paper leaves it open): side, one set for the source side and one
+    # for the target side (batches here mix target languages; the public code keeps a set per
+    # language and batches one language pair) | shared, one set over both sides' tokens.
+    norm_stats: str = "side"
     norm_eps: float = 1e-8  # (paper)
     sentence_weight: float = 0.05  # sentence-level InfoNCE (paper); 0: "w/o sentence alignment"
     infonce_tau: float = 0.05  # InfoNCE temperature on cosine similarities (paper)
@@ -210,6 +214,10 @@ class XstaConfig:
     # masked: mean over real target tokens (paper); pair: padding rows included plus the
     # transposed source-to-target term (public code).
     alignment: str = "masked"
+    # Which states token alignment reads (the paper leaves it open): final, the final layer's,
+    # as sentence alignment | share, those entering the sharing layer (share_layer), where the
+    # public code takes its alignment entropy.
+    alignment_layer: str = "final"
 
 
 @dataclass
@@ -239,7 +247,9 @@ class SkdConfig:
     map_reduction: str = "batch"  # batch: one coefficient per batch (paper) | example: one per example
     temperature: float = 2.0  # KL temperature (paper, public code)
     tau_squared: bool = False  # multiply the KL by temperature^2 (public code; the paper does not)
-    kl_start_end: str = "sum"  # sum the start and end KLs (paper) | mean (public code)
+    # How both terms reduce their start and end parts, the CE's and the KL's alike: sum (the
+    # paper's Eq. 6) | mean (public code; half the loss, the same CE/KL balance).
+    kl_start_end: str = "sum"
 
 
 @dataclass
@@ -485,6 +495,12 @@ def _check_xsta(need, cfg: RunConfig) -> None:
     need(x.norm_eps > 0, f"{key}.norm_eps must be positive, got {x.norm_eps}")
     need(x.alignment in ("masked", "pair"),
          f"{key}.alignment must be masked (paper) or pair (public code), got '{x.alignment}'")
+    need(x.alignment_layer in ("final", "share"),
+         f"{key}.alignment_layer must be final (the final layer's states) or share (the states entering "
+         f"{key}.share_layer), got '{x.alignment_layer}'")
+    need(x.norm_stats in ("side", "shared"),
+         f"{key}.norm_stats must be side (statistics per side) or shared (one set over both sides), "
+         f"got '{x.norm_stats}'")
 
 
 def _check_skd(need, cfg: RunConfig) -> None:
@@ -506,6 +522,14 @@ def _check_skd(need, cfg: RunConfig) -> None:
     need(k.temperature > 0, f"{key}.temperature must be positive, got {k.temperature}")
     need(k.kl_start_end in ("sum", "mean"),
          f"{key}.kl_start_end must be sum (paper) or mean (public code), got '{k.kl_start_end}'")
+    # mAP@k ranks the teacher's map_k best positions; a top-k store gives every position past
+    # its k kept ones the same logit, so ranks past k would be ties in arbitrary order.
+    store_topk = cfg.distill.store_topk
+    need(cfg.strategy.name != "skd" or k.coefficient not in ("map", "mrr") or store_topk is None
+         or store_topk >= k.map_k,
+         f"distill.store_topk ({store_topk}) is below {key}.map_k ({k.map_k}): {k.coefficient} ranks the "
+         f"teacher's {k.map_k} best positions and the store keeps {store_topk}; set distill.store_topk to at "
+         f"least {k.map_k}, or null (dense), or {key}.map_k to at most {store_topk}")
 
 
 def _check_range(need, rng: list[int] | None, key: str) -> None:

@@ -132,20 +132,34 @@ def test_kl_is_teacher_to_student_at_the_temperature_over_valid_positions():
     assert float(kl_rows(teacher, teacher, mask, tau=2.0)) == pytest.approx(0.0, abs=1e-7)
 
 
-def test_skd_loss_sums_start_and_end_kl_without_tau_squared_by_default():
-    mask, student, teacher, kl = two_position_case()
-    gold = torch.tensor([0])
-    ce = math.log(2.0)  # uniform student over 2 positions
-    out = skd_loss(student, student, teacher, teacher, mask, gold, gold, alpha_ce=0.5, alpha_kl=0.8)
+def test_skd_loss_sums_ce_and_kl_over_start_and_end_as_eq_6_by_default():
+    """Eq. 6: L = sum_{start,end} CE + alpha * sum_{start,end} KL, both at their own
+    temperature (CE at 1, KL at t = 2), no t^2."""
+    mask = torch.tensor([[True, True, False]])
+    student_start = torch.zeros(1, 3, requires_grad=True)  # p = [1/2, 1/2] at any temperature
+    student_end = torch.tensor([[math.log(3.0), 0.0, 0.0]], requires_grad=True)  # p = [3/4, 1/4] at t = 1
+    teacher_start = torch.tensor([[2 * math.log(3.0), 0.0, 9.0]])  # p = [3/4, 1/4] at t = 2
+    teacher_end = torch.tensor([[0.0, 0.0, 9.0]])  # p = [1/2, 1/2] at t = 2
+    gold_start, gold_end = torch.tensor([0]), torch.tensor([1])
+    ce = math.log(2.0) + math.log(4.0)  # -log 1/2 (start) - log 1/4 (end)
+    kl_start = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    s = math.sqrt(3.0)  # student end at t = 2: softmax([log 3 / 2, 0]) = [s, 1] / (1 + s)
+    kl_end = 0.5 * math.log(0.5 * (1 + s) / s) + 0.5 * math.log(0.5 * (1 + s))
+    kl = kl_start + kl_end
+    args = (student_start, student_end, teacher_start, teacher_end, mask, gold_start, gold_end)
+    out = skd_loss(*args, alpha_kl=0.8)
     assert out.ce.item() == pytest.approx(ce)
-    assert out.kl.item() == pytest.approx(2 * kl)
-    assert out.total.item() == pytest.approx(0.5 * ce + 0.8 * 2 * kl)
+    assert out.kl.item() == pytest.approx(kl)
+    assert out.total.item() == pytest.approx(ce + 0.8 * kl)
     assert out.alpha_kl.item() == pytest.approx(0.8)
-    code = skd_loss(student, student, teacher, teacher, mask, gold, gold, alpha_kl=0.8,
-                    tau_squared=True, start_end="mean")
-    assert code.kl.item() == pytest.approx(4 * kl)  # tau^2 = 4 times the start/end mean
+    # the public code averages both terms: half the loss, the KL's share of it unchanged
+    code = skd_loss(*args, alpha_kl=0.8, start_end="mean")
+    assert (code.ce.item(), code.kl.item()) == pytest.approx((ce / 2, kl / 2))
+    assert code.total.item() == pytest.approx((ce + 0.8 * kl) / 2)
+    squared = skd_loss(*args, alpha_ce=0.5, alpha_kl=0.8, tau_squared=True, start_end="mean")
+    assert squared.total.item() == pytest.approx(0.5 * ce / 2 + 0.8 * 4 * kl / 2)  # t^2 = 4 on the KL alone
     out.total.backward()
-    assert student.grad is not None and student.grad[0, 2] == 0
+    assert student_start.grad[0, 2] == 0 and student_end.grad[0, 2] == 0
 
 
 def test_skd_loss_is_cross_entropy_alone_when_teacher_equals_student():

@@ -20,6 +20,7 @@ def test_both_strategies_are_selectable_with_the_papers_defaults():
     assert (x.lambda0, x.alpha, x.gamma, x.sentence_weight, x.token_weight, x.infonce_tau, x.norm_eps) == (
         0.3, 0.2, 0.1, 0.05, 0.05, 0.05, 1e-8)
     assert (x.gdks, x.mix_on, x.alignment, x.normalize, x.calibrate_at_inference) == (True, "self", "masked", True, True)
+    assert (x.alignment_layer, x.norm_stats) == ("final", "side")
     k = load_config(None, ["strategy.name=skd"]).strategy.skd
     assert (k.coefficient, k.map_k, k.map_delta, k.map_reduction, k.temperature) == ("map", 10, 5, "batch", 2.0)
     assert (k.alpha_ce, k.alpha_kl, k.tau_squared, k.kl_start_end) == (1.0, 1.0, False, "sum")
@@ -28,6 +29,7 @@ def test_both_strategies_are_selectable_with_the_papers_defaults():
 @pytest.mark.parametrize("override", [
     "strategy.xsta.mix_on=cross", "strategy.xsta.alignment=pair", "strategy.xsta.gdks=false",
     "strategy.xsta.gamma=0", "strategy.xsta.share_layer=2", "strategy.xsta.source_lang=es",
+    "strategy.xsta.alignment_layer=share", "strategy.xsta.norm_stats=shared",
     "strategy.skd.coefficient=mrr", "strategy.skd.coefficient=fixed", "strategy.skd.coefficient=none",
     "strategy.skd.map_reduction=example", "strategy.skd.tau_squared=true", "strategy.skd.kl_start_end=mean",
     "strategy.skd.alpha_ce=0", "strategy.skd.sampled_languages=1", "strategy.skd.phase1=false",
@@ -43,6 +45,8 @@ def test_the_papers_ablations_and_the_public_codes_options_are_accepted(override
     (["strategy.xsta.mix_on=both"], "strategy.xsta.mix_on", "self (paper) or cross (public code)"),
     (["strategy.xsta.alignment=full"], "strategy.xsta.alignment", "masked (paper) or pair (public code)"),
     (["strategy.xsta.alpha=1.5"], "strategy.xsta.alpha", "[0, 1]"),
+    (["strategy.xsta.alignment_layer=first"], "strategy.xsta.alignment_layer", "final (the final layer's"),
+    (["strategy.xsta.norm_stats=language"], "strategy.xsta.norm_stats", "side (statistics per side) or shared"),
     (["strategy.xsta.gamma=-0.1"], "strategy.xsta.gamma", "switches the term off"),
     (["strategy.xsta.infonce_tau=0"], "strategy.xsta.infonce_tau", "positive"),
     (["strategy.xsta.share_layer=0"], "strategy.xsta.share_layer", "counts from 1"),
@@ -70,3 +74,18 @@ def test_the_demo_configs_of_both_strategies_load():
     assert skd.strategy.name == "skd" and skd.strategy.skd.phase1 and skd.strategy.skd.sampled_languages == 1
     xsta = load_config(REPO_ROOT / "configs" / "demo_xsta.yaml")
     assert xsta.strategy.name == "xsta" and xsta.strategy.xsta.alpha == 0.2
+
+
+def test_skd_refuses_a_top_k_store_keeping_fewer_positions_than_map_k_ranks():
+    """mAP@k ranks the teacher's map_k best positions; a top-k store keeps k of them and gives
+    every other position one shared value, so ranks past k would be ties broken at random."""
+    message = refused(["strategy.name=skd", "distill.store_topk=8"])
+    assert "distill.store_topk" in message and "strategy.skd.map_k" in message
+    assert "8" in message and "10" in message
+    assert refused(["strategy.name=skd", "strategy.skd.coefficient=mrr", "distill.store_topk=9"])
+    for overrides in (["distill.store_topk=10"], ["distill.store_topk=8", "strategy.skd.map_k=8"],
+                      ["distill.store_topk=4", "strategy.skd.coefficient=fixed"],
+                      ["distill.store_topk=4", "strategy.skd.coefficient=none"]):
+        assert load_config(None, ["strategy.name=skd", *overrides]).distill.store_topk is not None
+    # lbmrc's top-k store ranks nothing: the skd keys do not bound it
+    assert load_config(None, ["distill.store_topk=4"]).distill.store_topk == 4

@@ -52,6 +52,13 @@ def pair(batch: int = 2, j: int = 6, i: int = 6):
     return h_src, h_tgt, src_tokens, tgt_tokens
 
 
+def uneven_sum(x: torch.Tensor) -> torch.Tensor:
+    """A scalar to backpropagate from a layer's output. Not a plain sum: the layer ends in a
+    LayerNorm, whose outputs sum to a constant over the hidden units, so a plain sum has no
+    gradient beyond rounding."""
+    return (x * torch.linspace(-1.0, 1.0, x.numel()).view_as(x)).sum()
+
+
 # --- sharing ---------------------------------------------------------------------------------
 
 
@@ -61,7 +68,7 @@ def test_gdks_blocks_gradients_into_the_source_only_when_languages_differ(attent
     h_src, h_tgt, src_tokens, tgt_tokens = pair()
     same_language = torch.tensor([False, True])
     _, next_tgt = layer(h_src, h_tgt, src_tokens, tgt_tokens, same_language)
-    next_tgt.sum().backward()
+    uneven_sum(next_tgt).backward()
     assert torch.count_nonzero(h_src.grad[0]) == 0  # S != T: only sg(h_S) reaches the target
     assert torch.count_nonzero(h_src.grad[1]) > 0  # S == T: h~_S = h_S, gradients flow
     assert torch.count_nonzero(h_tgt.grad) > 0
@@ -72,8 +79,27 @@ def test_without_gdks_the_target_sends_gradients_into_every_source():
     layer = sharing(gradient_disentangled=False)
     h_src, h_tgt, src_tokens, tgt_tokens = pair()
     _, next_tgt = layer(h_src, h_tgt, src_tokens, tgt_tokens, torch.tensor([False, False]))
-    next_tgt.sum().backward()
+    uneven_sum(next_tgt).backward()
     assert torch.count_nonzero(h_src.grad[0]) > 0 and torch.count_nonzero(h_src.grad[1]) > 0
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("gdks", [True, False])
+def test_padded_source_tokens_take_no_attention_weight_and_no_gradient(attention, gdks):
+    """Whatever the installed transformers release does with a cross-attention mask: the
+    target's states never depend on the source's padding."""
+    layer = sharing(attention, gradient_disentangled=gdks)
+    h_src, h_tgt, src_tokens, tgt_tokens = pair()
+    src_tokens[1, 3:] = False
+    same_language = torch.tensor([False, True])  # row 1: h~_S = h_S, gradients reach the source
+    _, next_tgt = layer(h_src, h_tgt, src_tokens, tgt_tokens, same_language)
+    moved = h_src.detach().clone()
+    moved[~src_tokens] = 100.0 * torch.randn(int((~src_tokens).sum()), H)
+    _, again = layer(moved, h_tgt, src_tokens, tgt_tokens, same_language)
+    torch.testing.assert_close(again, next_tgt)
+    uneven_sum(next_tgt).backward()
+    assert torch.count_nonzero(h_src.grad[~src_tokens]) == 0
+    assert torch.count_nonzero(h_src.grad[1, :3]) > 0
 
 
 def test_the_source_runs_through_the_wrapped_layer_unchanged():
@@ -158,6 +184,26 @@ def test_encoder_runs_pairs_and_keeps_the_hugging_face_model_whole(attention):
         XstaEncoder(tiny_qa(attention), share_layer=4)
 
 
+def test_token_alignment_reads_the_final_states_or_those_entering_the_sharing_layer():
+    qa = tiny_qa("eager")
+    torch.manual_seed(3)
+    inputs = {"input_ids": torch.randint(1, 50, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long),
+              "token_type_ids": torch.zeros(2, 8, dtype=torch.long)}
+    same = torch.tensor([False, True])
+    torch.manual_seed(4)  # the sharing layer's f starts from a random draw: the same for both encoders
+    final = XstaEncoder(qa)(inputs, inputs, same)
+    assert torch.equal(final.align_src, final.h_src) and torch.equal(final.align_tgt, final.h_tgt)
+    torch.manual_seed(4)
+    share = XstaEncoder(qa, alignment_layer="share")(inputs, inputs, same)
+    # before the sharing layer (2 of 3) both sides are the plain model's layer-1 states
+    entering = qa.bert(**inputs, output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(share.align_src, entering)
+    torch.testing.assert_close(share.align_tgt, entering)
+    torch.testing.assert_close(share.h_tgt, final.h_tgt)  # the option moves nothing else
+    with pytest.raises(ValueError, match="alignment_layer"):
+        XstaEncoder(qa, alignment_layer="first")
+
+
 # --- teaching --------------------------------------------------------------------------------
 
 
@@ -173,6 +219,28 @@ def test_masked_batch_norm_uses_real_tokens_in_training_and_running_stats_at_inf
     torch.testing.assert_close(norm.running_mean, 0.1 * h[tokens].mean(0))
     norm.eval()
     torch.testing.assert_close(norm(h, tokens), (h - norm.running_mean) / torch.sqrt(norm.running_var + 1e-8))
+
+
+def test_calibration_normalises_each_side_on_its_own_or_both_sides_together():
+    h_tgt = torch.tensor([[[1.0], [3.0], [1e4]]])  # the last token is padding
+    h_src = torch.tensor([[[5.0], [7.0], [1e4]]])
+    tokens = torch.tensor([[True, True, False]])
+    side = TeacherGuidedCalibration(1, heads=1, eps=1e-8)
+    tgt, src = side.normalized(h_tgt, h_src, tokens, tokens)
+    # each side: mean 2 (target) or 6 (source), variance 1
+    torch.testing.assert_close(tgt[0, :2, 0], torch.tensor([-1.0, 1.0]))
+    torch.testing.assert_close(src[0, :2, 0], torch.tensor([-1.0, 1.0]))
+    shared = TeacherGuidedCalibration(1, heads=1, eps=1e-8, norm_stats="shared")
+    tgt, src = shared.normalized(h_tgt, h_src, tokens, tokens)
+    # both sides: mean 4, variance (9 + 1 + 1 + 9) / 4 = 5
+    root5 = math.sqrt(5.0)
+    torch.testing.assert_close(tgt[0, :2, 0], torch.tensor([-3.0, -1.0]) / root5)
+    torch.testing.assert_close(src[0, :2, 0], torch.tensor([1.0, 3.0]) / root5)
+    torch.testing.assert_close(shared.norm.running_mean, torch.tensor([0.4]))  # momentum 0.1
+    off = TeacherGuidedCalibration(1, heads=1, normalize=False, norm_stats="shared")
+    assert off.normalized(h_tgt, h_src, tokens, tokens) == (h_tgt, h_src)
+    with pytest.raises(ValueError, match="norm_stats"):
+        TeacherGuidedCalibration(1, heads=1, norm_stats="language")
 
 
 def permutation_case():
@@ -239,6 +307,25 @@ def test_sentence_infonce_on_pooled_states_with_in_batch_negatives():
     assert float(swapped) == pytest.approx(20.0 + math.log(1 + math.exp(-20.0)), rel=1e-5)
 
 
+def test_sentence_infonce_leaves_other_views_of_the_same_example_out_of_the_negatives():
+    """Rows 0 and 1 are two pairs of one example (en_x with de_x, en_x with es_x): row 0's
+    column 1 is the same example at cosine 1, no negative. Row 2 is another example."""
+    tokens = torch.ones(3, 1, dtype=torch.bool)
+    # cosines [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
+    h = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]], [[0.0, 1.0]]], requires_grad=True)
+    tau = 0.5  # cosine / tau: 2 for a match, 0 otherwise
+    own = math.log(1 + math.exp(-2.0))  # rows 0, 1: their positive and row 2's target only
+    other = math.log(1 + 2 * math.exp(-2.0))  # row 2: two negatives at cosine 0
+    grouped = sentence_infonce(h, h, tokens, tokens, tau=tau, groups=torch.tensor([7, 7, 3]))
+    assert grouped.item() == pytest.approx((2 * own + other) / 3, rel=1e-6)
+    grouped.backward()
+    assert torch.isfinite(h.grad).all()  # the left-out columns take no gradient, and no NaN
+    every = math.log(2 + math.exp(-2.0))  # without ids: the other view is a negative at cosine 1
+    assert sentence_infonce(h, h, tokens, tokens, tau=tau).item() == pytest.approx((2 * every + other) / 3, rel=1e-6)
+    distinct = sentence_infonce(h, h, tokens, tokens, tau=tau, groups=torch.tensor([0, 1, 2]))
+    assert distinct.item() == pytest.approx((2 * every + other) / 3, rel=1e-6)
+
+
 def test_token_alignment_entropy_is_masked_by_default_with_a_pair_option():
     h_src = torch.eye(8)[None, :5].clone().requires_grad_(True)
     h_tgt = torch.zeros(1, 4, 8)
@@ -277,6 +364,16 @@ def test_xsta_loss_weights_each_part_and_switches_parts_off():
     off = xsta_loss(src, tgt, None, sentence_weight=0.0, token_weight=0.0)
     assert float(off.teacher_guided) == float(off.sentence) == float(off.token) == 0.0
     torch.testing.assert_close(off.total, 0.2 * off.mrc_src + 0.8 * off.mrc_tgt)
+    groups = torch.tensor([5, 5, 1])
+    grouped = xsta_loss(src, tgt, (p, p), groups=groups)
+    torch.testing.assert_close(grouped.sentence, sentence_infonce(src.hidden, tgt.hidden, src.tokens, tgt.tokens,
+                                                                  0.05, groups))
+    assert float(grouped.sentence) != float(parts.sentence)
+    # token alignment reads Span.aligned when given (the sharing layer's states), else hidden
+    entering_src, entering_tgt = torch.randn(b, length, 8), torch.randn(b, length, 8)
+    moved = xsta_loss(src._replace(aligned=entering_src), tgt._replace(aligned=entering_tgt), (p, p))
+    torch.testing.assert_close(moved.token, token_alignment(entering_tgt, entering_src, tgt.tokens, src.tokens))
+    torch.testing.assert_close(moved.sentence, parts.sentence)
 
 
 # --- pairing windows for training ----------------------------------------------------------------
@@ -314,12 +411,18 @@ def test_translate_test_prediction_averages_calibrated_and_own_distributions():
     positions = torch.ones(2, 8, dtype=torch.bool)
     positions[:, 1:3] = False
     same = torch.tensor([True, True])
+    # zero query and key maps: every target token attends evenly to the source, so p_T|S is
+    # the same at every target token and, renormalised, uniform over the 6 valid positions
+    with torch.no_grad():
+        for linear in (module.calibration.query, module.calibration.key):
+            linear.weight.zero_()
+            linear.bias.zero_()
     start, end = module.predict(inputs, inputs, same, positions, positions)
-    for scores in (start, end):
-        torch.testing.assert_close(scores.exp().where(positions, 0.0).sum(-1), torch.ones(2))
     out = module.encoder(inputs, inputs, same)
-    p_t = torch.softmax(out.tgt_start.masked_fill(~positions, -1e9), -1)
-    assert torch.all(start.exp()[positions] >= p_t[positions] / 2 - 1e-6)  # half of p~_T is p_T
+    for scores, logits in ((start, out.tgt_start), (end, out.tgt_end)):
+        p_t = torch.softmax(logits.masked_fill(~positions, -torch.inf), -1)
+        torch.testing.assert_close(scores.exp()[positions], ((1 / 6 + p_t) / 2)[positions])
+        assert torch.all(scores[~positions] == torch.finfo(scores.dtype).min)
     module.x = XstaConfig(calibrate_at_inference=False)
     start, _ = module.predict(inputs, inputs, same, positions, positions)
     torch.testing.assert_close(start, out.tgt_start)

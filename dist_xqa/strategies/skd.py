@@ -3,16 +3,18 @@
 The student is trained on cross-lingually sampled question x passage pairs against a frozen
 copy of itself (the teacher, refreshed at each epoch boundary) with
 
-    L = alpha_ce * CE + alpha_kl * sum_{s in start, end} KL(p_teacher^s || p_student^s)
+    L = alpha_ce * sum_{s in start, end} CE^s + alpha_kl * sum_{s in start, end} KL(p_teacher^s || p_student^s)
 
-both distributions at temperature t (default 2). CE is the span NLL at temperature 1 (the
-average of its start and end parts, as Hugging Face's QA heads compute it). alpha_kl is a
-fixed number or the teacher's mAP@k on the gold span, computed per batch from the teacher's
-logits (see `map_at_k`): a teacher that ranks the gold span badly is trusted less.
+(the paper's Eq. 6, alpha_ce = 1), each KL between distributions at temperature t (default
+2), each CE the NLL of the gold position at temperature 1. alpha_kl is a fixed number or the
+teacher's mAP@k on the gold span, computed per batch from the teacher's logits (see
+`map_at_k`): a teacher that ranks the gold span badly is trusted less.
 
 Paper vs. public code (ccasimiro88/self-distillation-gxlt-qa), each difference an option:
 - the code multiplies the KL by t^2 (`tau_squared=True`); the paper does not (default);
-- the code averages the start and end KLs (`start_end="mean"`); the paper sums them (default);
+- the code averages the start and end parts of both terms (`start_end="mean"`: Hugging
+  Face's QA head averages the CEs, the code the KLs); the paper sums both (default). Either
+  way CE and KL are reduced alike, so alpha_kl weighs the KL against the CE as Eq. 6 does;
 - the code's "mAP@k" counts the first hit only in [gold - 5, gold + 4], i.e. MRR@10
   (`variant="mrr"`); the paper's mAP@k sums the precision at every hit (default).
 
@@ -129,7 +131,7 @@ class SkdLoss(NamedTuple):
     """The SKD loss and its parts, for logging (student/loss/<part>, student/alpha_kl)."""
 
     total: Tensor  # alpha_ce * ce + mean(alpha_kl * kl_row)
-    ce: Tensor
+    ce: Tensor  # start and end CEs, summed or averaged as the KLs are
     kl: Tensor  # the unweighted KL term (t^2 included when asked)
     alpha_kl: Tensor  # the coefficient's batch mean, detached
 
@@ -149,21 +151,25 @@ def skd_loss(
     tau_squared: bool = False,
     start_end: str = "sum",
 ) -> SkdLoss:
-    """alpha_ce * CE + alpha_kl * sum_{start,end} KL(p_teacher || p_student) at temperature tau.
+    """alpha_ce * sum_{start,end} CE + alpha_kl * sum_{start,end} KL(p_teacher || p_student),
+    the KL at temperature tau (Eq. 6).
 
     Logits [R, L], mask [R, L] (context and CLS), gold positions [R]. alpha_kl: a number, a
     scalar tensor (map_at_k with reduction "batch") or a per-row tensor [R] (reduction
-    "example"). The KL term is the mean over rows with a valid position of the rows' start +
-    end KLs (their average with start_end="mean", the public code), times tau^2 with
-    tau_squared (the public code; the paper has none).
+    "example"). Each term is the mean over rows with a valid position of the rows' start +
+    end parts; start_end="mean" (the public code) averages the two parts of both terms
+    instead, which halves the loss and leaves alpha_kl's balance unchanged. The KL is
+    multiplied by tau^2 with tau_squared (the public code; the paper has none).
     """
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     if start_end not in START_END:
         raise ValueError(f"start_end must be one of {START_END}, got {start_end!r}")
-    ce = span_nll(start_logits, end_logits, mask, start_pos, end_pos)
+    ce = span_nll(start_logits, end_logits, mask, start_pos, end_pos)  # the start and end NLLs' average
     per_row = kl_rows(start_logits, teacher_start, mask, tau) + kl_rows(end_logits, teacher_end, mask, tau)
-    if start_end == "mean":
+    if start_end == "sum":
+        ce = 2 * ce
+    else:
         per_row = per_row / 2
     if tau_squared:
         per_row = per_row * tau * tau

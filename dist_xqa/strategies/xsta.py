@@ -14,7 +14,19 @@ parallel. Notation: h_S, h_T hidden states [B, J, H], [B, I, H]; sg = stop-gradi
 - `xsta_loss` adds the parts; each is switched off by a zero weight (the paper's ablations).
 
 Where the paper and the public code (alibaba/EasyNLP, examples/X-STA) differ, the paper is
-the default and the code an option; each function says which.
+the default and the code an option; each function says which. Where the paper itself can be
+read two ways, the reading taken is a documented choice, the other an option:
+- Which layer's states token alignment reads: the paper's entropy names h_T and h_S without
+  a layer. Taken: the final layer's (`XstaEncoder(alignment_layer="final")`), the states the
+  QA head and sentence alignment read. Option "share": the states entering the
+  knowledge-sharing layer, where the public code takes its entropy (from that layer's
+  cross-attention probabilities).
+- Whose statistics the calibration's normalisation keeps. Taken: one set per side
+  (`TeacherGuidedCalibration(norm_stats="side")`). The source side is one language; the
+  target side pools the batch's target languages, as batches here mix them (the public code
+  batches one language pair and keeps a set per language id; a set per language here would
+  need language ids at inference, for test languages never trained on too). Option
+  "shared": one set over both sides' tokens.
 """
 
 from __future__ import annotations
@@ -31,6 +43,8 @@ from dist_xqa.losses import masked_log_softmax, mean_over_valid_rows, span_nll
 
 MIX_TARGETS = ("self", "cross")
 ALIGNMENT_VARIANTS = ("masked", "pair")
+ALIGNMENT_LAYERS = ("final", "share")
+NORM_STATS = ("side", "shared")
 
 
 def additive_mask(tokens: Tensor, dtype: torch.dtype) -> Tensor:
@@ -61,7 +75,11 @@ class KnowledgeSharingLayer(nn.Module):
     its residual connection and LayerNorm, and before the feed-forward block: exactly where the
     layer's self-attention output would be. The cross-attention starts as a copy of the layer's
     self-attention weights (the public code reuses the self-attention module itself); f starts
-    from PyTorch's default initialisation, as in the public code.
+    from PyTorch's default initialisation, as in the public code. It is computed here from the
+    copy's query, key and value maps (`cross_attend`), not by calling the copy: Hugging Face
+    releases differ in which argument masks cross-attention keys (4.46 reads
+    `encoder_attention_mask` and ignores `attention_mask` there; 4.57 reads `attention_mask`
+    and refuses the other), and either mistake lets the target attend to the source's padding.
     `mix_on="cross"` applies lambda to the cross-attention instead (the public code:
     lambda * cross + (1 - lambda) * self). `gradient_disentangled=False` is the paper's
     "w/o GDKS" ablation: h~_S = h_S for every pair (plain cross-attention, no f).
@@ -105,6 +123,22 @@ class KnowledgeSharingLayer(nn.Module):
         corrected = src + self.correction(torch.cat([src, tgt], dim=-1))
         return torch.where(same_language[:, None, None], h_src, corrected)
 
+    def cross_attend(self, h_tgt: Tensor, shared: Tensor, src_mask: Tensor) -> Tensor:
+        """Multi-head attention, queries from h_T [B, I, H], keys and values from h~_S [B, J, H],
+        with the additive source mask [B, 1, 1, J]: the context vectors [B, I, H], as the
+        layer's self-attention returns them (absolute positions: Hugging Face's own
+        cross-attention uses no relative position scores either)."""
+        attention = self.cross_attention
+        heads, size = attention.num_attention_heads, attention.attention_head_size
+
+        def split(x: Tensor) -> Tensor:
+            return x.view(x.shape[0], x.shape[1], heads, size).transpose(1, 2)  # [B, heads, n, d]
+
+        q, k, v = split(attention.query(h_tgt)), split(attention.key(shared)), split(attention.value(shared))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(size) + src_mask
+        weights = attention.dropout(torch.softmax(scores, dim=-1))
+        return (weights @ v).transpose(1, 2).reshape(h_tgt.shape[0], h_tgt.shape[1], heads * size)
+
     def mix(self, cross: Tensor, self_attended: Tensor) -> Tensor:
         lam = self.mix_weight
         if self.mix_on == "cross":
@@ -121,7 +155,7 @@ class KnowledgeSharingLayer(nn.Module):
         attention = self.layer.attention
         self_attended = attention.self(h_tgt, attention_mask=tgt_mask)[0]
         shared = self.shared_source(h_src, h_tgt, same_language)
-        cross = self.cross_attention(h_tgt, attention_mask=src_mask, encoder_hidden_states=shared)[0]
+        cross = self.cross_attend(h_tgt, shared, src_mask)
         attended = attention.output(self.mix(cross, self_attended), h_tgt)
         return next_src, self.layer.feed_forward_chunk(attended)
 
@@ -139,6 +173,8 @@ class XstaOutput(NamedTuple):
     tgt_end: Tensor
     h_src: Tensor  # [B, L, H] final hidden states
     h_tgt: Tensor
+    align_src: Tensor  # [B, L, H] the states token alignment reads (see XstaEncoder)
+    align_tgt: Tensor
 
 
 class XstaEncoder(nn.Module):
@@ -151,11 +187,18 @@ class XstaEncoder(nn.Module):
     layout (the sharing layer holds the same layer module, not a copy), so `qa` alone
     saves and loads in Hugging Face format: run on a target alone it is the encoder +
     QA head without the cross-attention (its self-attention output passes unmixed).
+
+    alignment_layer: the states the output offers token alignment (`align_src`, `align_tgt`):
+    "final", the final layer's (the reading taken, see the module docstring), or "share",
+    those entering the sharing layer (h_S^l, h_T^l: what its cross-attention reads).
     """
 
     def __init__(self, qa: nn.Module, share_layer: int | None = None, lambda0: float = 0.3,
-                 mix_on: str = "self", gradient_disentangled: bool = True):
+                 mix_on: str = "self", gradient_disentangled: bool = True, alignment_layer: str = "final"):
         super().__init__()
+        if alignment_layer not in ALIGNMENT_LAYERS:
+            raise ValueError(f"alignment_layer must be one of {ALIGNMENT_LAYERS}, got {alignment_layer!r}")
+        self.alignment_layer = alignment_layer
         layers = qa.base_model.encoder.layer
         share_layer = default_share_layer(len(layers)) if share_layer is None else share_layer
         if not 1 <= share_layer <= len(layers):
@@ -177,13 +220,15 @@ class XstaEncoder(nn.Module):
         mask = additive_mask(tokens, h.dtype)
         for i, layer in enumerate(base.encoder.layer):
             if i == self.share_index:
+                entering = h
                 h_src, h_tgt = self.sharing(h[:b], h[b:], tokens[:b], tokens[b:], same_language)
                 h = torch.cat([h_src, h_tgt])
             else:
                 h = layer(h, attention_mask=mask)[0]
         start, end = self.qa.qa_outputs(h).split(1, dim=-1)
         start, end = start.squeeze(-1), end.squeeze(-1)
-        return XstaOutput(start[:b], end[:b], start[b:], end[b:], h[:b], h[b:])
+        aligned = h if self.alignment_layer == "final" else entering
+        return XstaOutput(start[:b], end[:b], start[b:], end[b:], h[:b], h[b:], aligned[:b], aligned[b:])
 
 
 # --- teaching --------------------------------------------------------------------------------
@@ -232,28 +277,45 @@ class TeacherGuidedCalibration(nn.Module):
     and end, softmax over the source's valid positions). Averaging over heads gives
     p_T|S(i) = mean_h sum_j a^h_ij p_S(j), renormalised over the target's valid positions
     (context and CLS). Query and key inputs are first normalised with batch token
-    statistics (`MaskedBatchNorm`, one per side, eps = 1e-8; `normalize=False` is the
-    "w/o normalisation" ablation). Only the calibration sees the normalised states: the QA
-    head reads the encoder's own, so the saved encoder + QA head alone gives p_T (the public
-    code feeds the normalised states to the QA head too). The public code attends over the
-    source's logits as values; the paper (default) over its distribution.
+    statistics (`MaskedBatchNorm`, eps = 1e-8; `normalize=False` is the "w/o normalisation"
+    ablation): one set per side (norm_stats "side", the reading taken; see the module
+    docstring), or one set over both sides' tokens ("shared"). Only the calibration sees the
+    normalised states: the QA head reads the encoder's own, so the saved encoder + QA head
+    alone gives p_T (the public code feeds the normalised states to the QA head too). The
+    public code attends over the source's logits as values; the paper (default) over its
+    distribution.
     """
 
     def __init__(self, hidden_size: int, heads: int, dropout: float = 0.1, eps: float = 1e-8,
-                 normalize: bool = True):
+                 normalize: bool = True, norm_stats: str = "side"):
         super().__init__()
         if hidden_size % heads:
             raise ValueError(f"hidden size {hidden_size} is not a multiple of the {heads} heads")
+        if norm_stats not in NORM_STATS:
+            raise ValueError(f"norm_stats must be one of {NORM_STATS}, got {norm_stats!r}")
         self.heads = heads
         self.query = nn.Linear(hidden_size, hidden_size)
         self.key = nn.Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
-        self.norm_src = MaskedBatchNorm(hidden_size, eps) if normalize else None
-        self.norm_tgt = MaskedBatchNorm(hidden_size, eps) if normalize else None
+        per_side, shared = normalize and norm_stats == "side", normalize and norm_stats == "shared"
+        self.norm_src = MaskedBatchNorm(hidden_size, eps) if per_side else None
+        self.norm_tgt = MaskedBatchNorm(hidden_size, eps) if per_side else None
+        self.norm = MaskedBatchNorm(hidden_size, eps) if shared else None
 
     def _split_heads(self, x: Tensor) -> Tensor:
         b, n, h = x.shape
         return x.view(b, n, self.heads, h // self.heads).transpose(1, 2)  # [B, heads, n, d]
+
+    def normalized(self, h_tgt: Tensor, h_src: Tensor, tgt_tokens: Tensor,
+                   src_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """(h_T, h_S) as the attention reads them: normalised per side, over both sides
+        together, or as given."""
+        if self.norm is not None:  # one set of statistics: the two sides' tokens side by side
+            both = self.norm(torch.cat([h_tgt, h_src], dim=1), torch.cat([tgt_tokens, src_tokens], dim=1))
+            return both[:, :h_tgt.shape[1]], both[:, h_tgt.shape[1]:]
+        if self.norm_src is not None:
+            return self.norm_tgt(h_tgt, tgt_tokens), self.norm_src(h_src, src_tokens)
+        return h_tgt, h_src
 
     def forward(
         self,
@@ -267,8 +329,7 @@ class TeacherGuidedCalibration(nn.Module):
         src_end_logits: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """(p_T|S start, p_T|S end), each [B, I], summing to 1 over tgt_positions."""
-        if self.norm_src is not None:
-            h_tgt, h_src = self.norm_tgt(h_tgt, tgt_tokens), self.norm_src(h_src, src_tokens)
+        h_tgt, h_src = self.normalized(h_tgt, h_src, tgt_tokens, src_tokens)
         q, k = self._split_heads(self.query(h_tgt)), self._split_heads(self.key(h_src))
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         scores = scores.masked_fill(~src_tokens[:, None, None, :], torch.finfo(scores.dtype).min)
@@ -314,17 +375,27 @@ def mean_pool(h: Tensor, tokens: Tensor) -> Tensor:
 
 
 def sentence_infonce(h_src: Tensor, h_tgt: Tensor, src_tokens: Tensor, tgt_tokens: Tensor,
-                     tau: float = 0.05) -> Tensor:
+                     tau: float = 0.05, groups: Tensor | None = None) -> Tensor:
     """Sentence-level InfoNCE: each source's mean-pooled state must pick its own target among
     the batch's targets (in-batch negatives) by cosine similarity / tau. Differentiable in
     both sides. The public code passes both pooled vectors through a dense + tanh head
-    first; here they are compared as pooled (the paper's description)."""
+    first; here they are compared as pooled (the paper's description).
+
+    groups [B] (optional): an id per row, equal for rows of the same example. The paper's
+    negatives are other examples, but a batch drawn from every (source, target) pair can hold
+    one example several times ((en, de), (en, es), (en, en) of one id): its other rows'
+    targets are translations of the row's own, so their columns are left out of the row's
+    denominator; the row's own target (the diagonal) always stays.
+    """
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     src, tgt = mean_pool(h_src, src_tokens), mean_pool(h_tgt, tgt_tokens)
-    similarity = nn.functional.cosine_similarity(src[:, None], tgt[None], dim=-1) / tau
+    similarity = nn.functional.cosine_similarity(src[:, None], tgt[None], dim=-1).float() / tau
     labels = torch.arange(similarity.shape[0], device=similarity.device)
-    return nn.functional.cross_entropy(similarity.float(), labels)
+    if groups is not None:
+        same_example = (groups[:, None] == groups[None, :]) & (labels[:, None] != labels[None, :])
+        similarity = similarity.masked_fill(same_example, float("-inf"))
+    return nn.functional.cross_entropy(similarity, labels)
 
 
 def token_alignment(h_tgt: Tensor, h_src: Tensor, tgt_tokens: Tensor, src_tokens: Tensor,
@@ -371,7 +442,8 @@ class Span(NamedTuple):
     tokens: Tensor  # [B, L] bool: real tokens (the attention mask)
     start_pos: Tensor  # [B]
     end_pos: Tensor
-    hidden: Tensor  # [B, L, H], final layer
+    hidden: Tensor  # [B, L, H], final layer: sentence alignment pools it
+    aligned: Tensor | None = None  # [B, L, H], what token alignment reads (XstaOutput.align_*), else hidden
 
 
 def xsta_loss(
@@ -385,13 +457,16 @@ def xsta_loss(
     token_weight: float = 0.05,
     infonce_tau: float = 0.05,
     alignment: str = "masked",
+    groups: Tensor | None = None,
     impl: str | None = None,
 ) -> XstaLoss:
     """alpha * MRC_src + (1 - alpha) * MRC_tgt + gamma * L_tg + w_s * InfoNCE + w_t * entropy.
 
     `calibrated` is (p_T|S start, p_T|S end) from TeacherGuidedCalibration; None or gamma = 0
     leaves the teacher-guided term out ("w/o calibration"). A zero weight skips a term's
-    computation ("w/o sentence / token alignment"). Paper values as defaults.
+    computation ("w/o sentence / token alignment"). `groups` [B]: the example of each pair,
+    so that InfoNCE takes no other view of a row's own example as a negative (see
+    sentence_infonce). Paper values as defaults.
     """
     zero = src.start_logits.new_zeros((), dtype=torch.float32)
     mrc_src = span_nll(src.start_logits, src.end_logits, src.positions, src.start_pos, src.end_pos)
@@ -399,8 +474,12 @@ def xsta_loss(
     guided = zero
     if calibrated is not None and gamma:
         guided = teacher_guided_loss(*calibrated, tgt.positions, tgt.start_pos, tgt.end_pos)
-    sentence = sentence_infonce(src.hidden, tgt.hidden, src.tokens, tgt.tokens, infonce_tau) if sentence_weight else zero
-    token = token_alignment(tgt.hidden, src.hidden, tgt.tokens, src.tokens, alignment, impl) if token_weight else zero
+    sentence = (sentence_infonce(src.hidden, tgt.hidden, src.tokens, tgt.tokens, infonce_tau, groups)
+                if sentence_weight else zero)
+    token = zero
+    if token_weight:
+        h_tgt, h_src = (tgt.hidden, src.hidden) if tgt.aligned is None else (tgt.aligned, src.aligned)
+        token = token_alignment(h_tgt, h_src, tgt.tokens, src.tokens, alignment, impl)
     total = (alpha * mrc_src + (1 - alpha) * mrc_tgt + gamma * guided
              + sentence_weight * sentence + token_weight * token)
     return XstaLoss(total, mrc_src, mrc_tgt, guided, sentence, token)
