@@ -52,48 +52,114 @@ class DistContext:
     device: torch.device
 
 
+# torchrun and the deepspeed launcher mark every process they start: a RANK beside one of
+# these marks was set by the launcher that started this process, not inherited.
+LAUNCHER_MARKS = ("TORCHELASTIC_RUN_ID", "CROSS_RANK")
+
+
 def launcher_env(env: dict[str, str]) -> dict[str, str]:
-    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for this process, read
-    from what the launcher set in `env`: torchrun and the deepspeed launcher set them
-    directly; mpirun sets OMPI_COMM_WORLD_*; srun sets SLURM_PROCID/NTASKS/LOCALID and
-    SLURM_JOB_NODELIST (the first node hosts the rendezvous). OpenMPI is read before
-    SLURM because an mpirun inside an sbatch job also inherits the batch step's
-    SLURM_PROCID. No launcher at all means a world of one."""
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
-        local_rank = int(env.get("LOCAL_RANK", rank))
-    elif "OMPI_COMM_WORLD_RANK" in env:
-        rank, world_size = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
-        local_rank = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", rank))
-    elif "SLURM_PROCID" in env:
-        rank, world_size = int(env["SLURM_PROCID"]), int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")))
-        local_rank = int(env.get("SLURM_LOCALID", rank))
-    else:
-        rank, world_size, local_rank = 0, 1, 0
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for this process, from
+    what the launcher that started it set in `env`, looked for in this order:
+
+    1. torchrun or the deepspeed launcher (LAUNCHER_MARKS): their RANK, WORLD_SIZE,
+       LOCAL_RANK and MASTER_*, also inside a Slurm step (srun starting one per node).
+    2. mpirun: OMPI_COMM_WORLD_*, before Slurm's variables because an mpirun inside an
+       sbatch job also inherits the batch script's SLURM_PROCID.
+    3. srun (a task of a job step: SLURM_PROCID with SLURM_STEP_ID): SLURM_PROCID, the
+       step's task count and SLURM_LOCALID; the rendezvous on the step's first node at a
+       port derived from the job id. RANK, WORLD_SIZE, LOCAL_RANK and MASTER_* in the
+       environment are ignored: sbatch and srun pass the submitting shell's environment
+       on, where they may be left from another run, and ranks taken from them would
+       collide or meet on a host outside the allocation.
+    4. RANK and WORLD_SIZE set by anything else (by hand, another launcher): as set.
+    5. A Slurm batch script itself (SLURM_PROCID without a step): a world of one when the
+       job has one task; with more, a ValueError (srun starts the tasks).
+    6. No launcher at all: a world of one."""
+    given = "RANK" in env and "WORLD_SIZE" in env
+    if given and any(mark in env for mark in LAUNCHER_MARKS):
+        return _given_world(env)
+    if "OMPI_COMM_WORLD_RANK" in env:
+        rank, world_size = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
+        local_rank = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK") if "OMPI_COMM_WORLD_LOCAL_RANK" in env else rank
+        one_node = env.get("OMPI_COMM_WORLD_LOCAL_SIZE") == str(world_size)
+        return _world(env, rank, world_size, local_rank, one_node, env.get("MASTER_ADDR"), env.get("MASTER_PORT"))
+    if "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
+        rank, local_rank = _int(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID")
+        world_size = _int(env, _first_set(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"))
+        nodelist = env.get(_first_set(env, "SLURM_STEP_NODELIST", "SLURM_NODELIST", "SLURM_JOB_NODELIST"), "")
+        if not nodelist and env.get(_first_set(env, "SLURM_STEP_NUM_NODES", "SLURM_NNODES"), "1") != "1":
+            raise ValueError("srun gave no node list (SLURM_STEP_NODELIST, SLURM_NODELIST, SLURM_JOB_NODELIST): "
+                             "cannot tell where rank 0 runs")
+        master_addr = first_slurm_host(nodelist) if nodelist else "127.0.0.1"
+        return _world(env, rank, world_size, local_rank, True, master_addr, None)
+    if given:
+        return _given_world(env)
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and _int(env, "SLURM_NTASKS") > 1:
+        raise ValueError(f"this process is the batch script of Slurm job {env.get('SLURM_JOB_ID', '?')} "
+                         f"(SLURM_PROCID without SLURM_STEP_ID), not one of its {env['SLURM_NTASKS']} tasks: "
+                         "start the ranks with srun, as slurm/train_lbmrc.sh does")
+    return _world(env, 0, 1, 0, True, None, None)
+
+
+def _given_world(env: dict[str, str]) -> dict[str, str]:
+    rank, world_size = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+    local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
+    return _world(env, rank, world_size, local_rank, False, env.get("MASTER_ADDR"), env.get("MASTER_PORT"))
+
+
+def _world(env: dict[str, str], rank: int, world_size: int, local_rank: int, one_node: bool,
+           master_addr: str | None, master_port: str | None) -> dict[str, str]:
+    """The launcher's answer, checked, with the rendezvous filled in where it gave none:
+    this host for a world of one, else the job's first node under Slurm, else this host
+    when every rank is on it."""
     if not 0 <= rank < world_size:
         raise ValueError(f"launcher environment gives rank {rank} outside a world of {world_size}")
-
-    master_addr = env.get("MASTER_ADDR")
+    if local_rank < 0:
+        raise ValueError(f"launcher environment gives a negative local rank {local_rank}")
     if master_addr is None:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        if nodelist:
+        if world_size == 1:
+            master_addr = "127.0.0.1"
+        elif nodelist:
             master_addr = first_slurm_host(nodelist)
-        elif world_size == 1 or int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", -1)) == world_size:
-            master_addr = "127.0.0.1"  # every rank is on this node
+        elif one_node:
+            master_addr = "127.0.0.1"
         else:
             raise ValueError(f"cannot tell where rank 0 runs for a world of {world_size} ranks: "
                              "set MASTER_ADDR (and MASTER_PORT) in the environment")
-    master_port = env.get("MASTER_PORT")
     if master_port is None:
         if "SLURM_JOB_ID" in env:
             # one port per job, so two jobs sharing a node do not meet at the same port
-            master_port = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
+            master_port = str(20000 + _int(env, "SLURM_JOB_ID") % 20000)
         elif world_size == 1:
             master_port = str(_free_port())
         else:
             master_port = str(DEFAULT_MASTER_PORT)
     return {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),
             "MASTER_ADDR": master_addr, "MASTER_PORT": master_port}
+
+
+def _first_set(env: dict[str, str], *names: str) -> str:
+    """The first of `names` set in `env` (the last name when none is: errors then name it)."""
+    return next((name for name in names if env.get(name)), names[-1])
+
+
+def _int(env: dict[str, str], name: str) -> int:
+    if name not in env:
+        raise ValueError(f"launcher environment: {name} is not set")
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ValueError(f"launcher environment: {name} must be an integer, got {env[name]!r}") from None
+
+
+def cuda_device_index(local_rank: int, device_count: int) -> int:
+    """The CUDA device of a rank: its local rank modulo the devices it sees. Where Slurm
+    binds one GPU to each task (--gpus-per-task, --gpu-bind), every task sees only
+    device 0, whatever its local rank."""
+    if device_count < 1:
+        raise ValueError(f"no CUDA device to pin local rank {local_rank} to")
+    return local_rank % device_count
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -140,7 +206,7 @@ def rank_threads(env: dict[str, str], cores: int) -> int | None:
 
 def init_distributed(timeout: timedelta = timedelta(minutes=30)) -> DistContext:
     """Join the world (see `launcher_env`), backend nccl on CUDA else gloo, pin this
-    process to its GPU, and start DeepSpeed's communication layer on every rank now:
+    process to its GPU (`cuda_device_index`), and start DeepSpeed's communication layer on every rank now:
     on CPU it builds (first time: compiles) a shared-memory op and, under the deepspeed
     launcher, waits until every rank of the node has created its segment. Left to the
     first `build_engine`, that wait would hang a group while a producer rank (which
@@ -158,7 +224,7 @@ def init_distributed(timeout: timedelta = timedelta(minutes=30)) -> DistContext:
     if threads is not None:
         torch.set_num_threads(threads)
     if torch.cuda.is_available():
-        backend, device = "nccl", torch.device("cuda", local_rank)
+        backend, device = "nccl", torch.device("cuda", cuda_device_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     else:
         backend, device = "gloo", torch.device("cpu")
@@ -371,8 +437,12 @@ def resolve_ds_config(config: dict[str, Any], group_size: int, *, on_cuda: bool,
       `total_steps` (a "scheduler" in the JSON is replaced: the run config owns it too);
     - precision: bf16/fp16 `enabled` may be true, false or "auto". On CUDA "auto" means
       bf16 where the GPU supports it, else fp16; without CUDA both are switched off;
-    - without CUDA, "torch_adam": true: torch's AdamW instead of DeepSpeed's fused and
-      CPU Adam ops, which would need compiling (ZeRO-Offload runs with it too).
+    - Adam and AdamW are torch's ("torch_adam": true), so no job compiles an op at its
+      first step: DeepSpeed's own FusedAdam (GPU) and CPUAdam (ZeRO-Offload) are built
+      then, FusedAdam only with an nvcc matching torch's CUDA, by every rank of a node at
+      once. On CUDA a config that says "torch_adam": false gets DeepSpeed's ops (the
+      opt-in: faster optimizer steps, CPUAdam above all, for that build); without CUDA
+      torch's AdamW always (ZeRO-Offload runs with it too).
     `source` names the config in errors."""
     config = copy.deepcopy(config)
     micro = micro_batch_size if micro_batch_size is not None else config.get("train_micro_batch_size_per_gpu")
@@ -413,8 +483,11 @@ def resolve_ds_config(config: dict[str, Any], group_size: int, *, on_cuda: bool,
         raise ValueError(f"{source}: bf16 and fp16 are both enabled; enable one")
     config["bf16"]["enabled"], config["fp16"]["enabled"] = bool(bf16), bool(fp16)
 
-    if not on_cuda and str(optimizer.get("type", "")).lower() in ("adam", "adamw"):
-        params["torch_adam"] = True
+    if str(optimizer.get("type", "")).lower() in ("adam", "adamw"):
+        if on_cuda:
+            params.setdefault("torch_adam", True)
+        else:
+            params["torch_adam"] = True
 
     leftover = _auto_keys(config)
     if leftover:
