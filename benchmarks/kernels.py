@@ -11,10 +11,18 @@ Writes JSON (default benchmarks/results/kernels.json) and prints a table:
 - the share of one student training step (tiny and base-size encoder, batch 32, L = 384,
   K = 3 teachers) spent in the loss, eager vs fused.
 
+Forward and forward+backward are timed separately (backward = the difference). The JSON
+records the device's name.
+
 Run on a GPU node:  python benchmarks/kernels.py
 On a CPU (no GPU):  python benchmarks/kernels.py --smoke   (tiny shapes, the fused path through
                     the Triton interpreter: proves the script runs, its times mean nothing;
-                    exits non-zero if a fused or eager variant failed)
+                    exits non-zero if a fused or eager variant failed; without --smoke the
+                    script refuses to run on a CPU)
+Anywhere, no GPU:   python benchmarks/kernels.py aot      (compiles every kernel variant the
+                    launchers choose for sm_80 and sm_90, dist_xqa/kernels/aot.py; writes
+                    results/kernels_aot.json and the ptxas table of RESULTS.md; exits non-zero
+                    on a compile error or a variant over its shared-memory limit)
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from functools import partial
@@ -41,13 +50,16 @@ import triton  # noqa: E402
 from dist_xqa import kernels, losses  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "kernels.json"
+AOT_OUT = Path(__file__).resolve().parent / "results" / "kernels_aot.json"
+RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+AOT_MARKERS = ("<!-- kernels:aot begin -->", "<!-- kernels:aot end -->")
 
 FULL = dict(
     kd_rows=128, kd_lengths=[384, 512], kd_teachers=[3, 8], kd_dtypes=["bfloat16", "float32"],
     align_batch=16, align_hidden=768, align_lengths=[384, 1024, 2048], align_dtypes=["bfloat16"],
     step_batch=32, step_length=384, step_models=["tiny", "base"], warmup=5, iters=20,
 )
-# The interpreter has no bfloat16, so the smoke run uses float32 throughout.
+# float32 throughout: the interpreter computes bfloat16 tl.dot (the alignment kernels') wrongly.
 SMOKE = dict(
     kd_rows=4, kd_lengths=[33], kd_teachers=[3], kd_dtypes=["float32"],
     align_batch=1, align_hidden=48, align_lengths=[40], align_dtypes=["float32"],
@@ -66,7 +78,11 @@ ENCODERS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON file to write")
+    parser.add_argument("command", nargs="?", choices=["bench", "aot"], default="bench",
+                        help="bench (default): time the kernels; aot: compile them for sm_80/sm_90")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"JSON file to write (default {DEFAULT_OUT.name}, aot: {AOT_OUT.name})")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="aot: compiling processes")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on a CPU")
     parser.add_argument("--sections", nargs="+", default=["aggregation", "alignment", "step"],
                         choices=["aggregation", "alignment", "step"])
@@ -110,6 +126,29 @@ def run_variant(name: str, make_step: Callable[[], Callable[[], None]], device, 
         return dict(impl=name, **measure(make_step(), device, cfg["warmup"], cfg["iters"]))
     except Exception as error:  # noqa: BLE001 - keep the other numbers of a long GPU run
         return dict(impl=name, error=f"{type(error).__name__}: {error}")
+
+
+def run_passes(name: str, forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor], device, cfg) -> dict:
+    """Times `forward` (which returns the loss) alone and followed by the backward into
+    `inputs`: fwd_ms, ms (forward + backward), bwd_ms (their difference) and the peak extra
+    memory of each (peak_extra_mib: forward + backward)."""
+
+    def forward_only():
+        forward()
+
+    def step():
+        forward().backward()
+        for tensor in inputs:
+            tensor.grad = None
+
+    fwd = run_variant(name, lambda: forward_only, device, cfg)
+    result = dict(run_variant(name, lambda: step, device, cfg), fwd_ms=fwd.get("ms"),
+                  fwd_peak_extra_mib=fwd.get("peak_extra_mib"))
+    if "ms" in fwd and "ms" in result:
+        result["bwd_ms"] = result["ms"] - fwd["ms"]
+    if "error" in fwd:
+        result.setdefault("error", fwd["error"])
+    return result
 
 
 def copy_bandwidth_gbps(device: torch.device) -> float:
@@ -162,15 +201,8 @@ def bench_aggregation(cfg: dict, device, use_compile: bool, bandwidth_gbps: floa
                     use_compile,
                 )
                 for name, fn in impls.items():
-
-                    def make_step(fn=fn):
-                        def step():
-                            loss, _ = fn(student, teachers, mask, 2.0, "imp")
-                            loss.backward()
-                            student.grad = None
-                        return step
-
-                    result = run_variant(name, make_step, device, cfg)
+                    result = run_passes(name, lambda fn=fn: fn(student, teachers, mask, 2.0, "imp")[0],
+                                        [student], device, cfg)
                     result.update(R=rows, L=length, K=k, dtype=dtype_name, min_bytes=min_bytes,
                                   bound_ms=bound_ms)
                     if "ms" in result:
@@ -195,14 +227,7 @@ def bench_alignment(cfg: dict, device, use_compile: bool) -> list[dict]:
                 use_compile,
             )
             for name, fn in impls.items():
-
-                def make_step(fn=fn):
-                    def step():
-                        fn(h_t, h_s, t_mask, s_mask).backward()
-                        h_t.grad = h_s.grad = None
-                    return step
-
-                result = run_variant(name, make_step, device, cfg)
+                result = run_passes(name, lambda fn=fn: fn(h_t, h_s, t_mask, s_mask), [h_t, h_s], device, cfg)
                 result.update(B=batch, I=length, J=length, H=hidden, dtype=dtype_name)
                 results.append(result)
     return results
@@ -295,27 +320,34 @@ def summarise(report: dict) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.command == "aot":
+        return aot(args.out or AOT_OUT, args.jobs)
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         sys.exit("benchmarks/kernels.py: the benchmark needs a CUDA device; use --smoke on a CPU")
     device = torch.device("cuda" if cuda else "cpu")
     cfg = SMOKE if args.smoke else FULL
+    # A smoke run never overwrites the GPU numbers.
+    out = args.out or (DEFAULT_OUT.with_name("kernels_smoke.json") if args.smoke else DEFAULT_OUT)
     use_compile = not args.no_compile
     bandwidth = args.peak_gbps or copy_bandwidth_gbps(device)
     report = dict(
         device=torch.cuda.get_device_name(device) if cuda else "cpu (Triton interpreter)",
+        note="smoke run: tiny shapes; the times measure the Triton interpreter, not the kernels"
+        if args.smoke else "GPU benchmark",
         torch=torch.__version__, triton=triton.__version__, smoke=args.smoke, config=cfg,
         peak_bandwidth_gbps=bandwidth,
         bandwidth_source="--peak-gbps" if args.peak_gbps else "measured device copy",
     )
     if "aggregation" in args.sections:
         report["aggregation"] = bench_aggregation(cfg, device, use_compile, bandwidth)
-        print_table("aggregation + KD, fwd+bwd", report["aggregation"],
-                    ["dtype", "L", "K", "impl", "ms", "peak_extra_mib", "bound_ms", "fraction_of_bound"])
+        print_table("aggregation + KD (ms: fwd+bwd)", report["aggregation"],
+                    ["dtype", "L", "K", "impl", "fwd_ms", "bwd_ms", "ms", "peak_extra_mib", "bound_ms",
+                     "fraction_of_bound"])
     if "alignment" in args.sections:
         report["alignment"] = bench_alignment(cfg, device, use_compile)
-        print_table("alignment entropy, fwd+bwd", report["alignment"],
-                    ["dtype", "I", "H", "impl", "ms", "peak_extra_mib"])
+        print_table("alignment entropy (ms: fwd+bwd)", report["alignment"],
+                    ["dtype", "I", "H", "impl", "fwd_ms", "bwd_ms", "ms", "fwd_peak_extra_mib", "peak_extra_mib"])
     if "step" in args.sections:
         report["step_share"] = bench_step_share(cfg, device)
         print_table("loss share of a student step", report["step_share"],
@@ -324,9 +356,9 @@ def main(argv: list[str] | None = None) -> dict:
     print_table("fused vs eager / torch.compile", report["summary"],
                 ["section", "dtype", "L", "K", "I", "H", "speedup_vs_eager", "speedup_vs_compile",
                  "memory_ratio_vs_eager", "fraction_of_bound"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out} ({report['device']}, bandwidth {bandwidth:.0f} GB/s)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out} ({report['device']}, bandwidth {bandwidth:.0f} GB/s)")
     failed = failures(report)
     if args.smoke and failed:
         # The smoke run exists to prove the script works: a fused or eager variant that failed
@@ -344,6 +376,80 @@ def failures(report: dict) -> list[str]:
         for row in report.get(section, [])
         if "error" in row and row["impl"] in ("fused", "eager")
     ]
+
+
+# --- ahead-of-time compile ------------------------------------------------------------------
+
+
+def _calls_summary(calls: list[str]) -> str:
+    """'kd R=64 L=384 K=5 mode=imp', ... -> 'L=384,512 K=5,6,7,8 mode=imp' (sizes that do not
+    enter the variant, R and B, left out)."""
+    values: dict[str, list[str]] = {}
+    for call in calls:
+        for item in call.split()[1:]:
+            key, value = item.split("=")
+            if key not in ("R", "B") and value not in values.setdefault(key, []):
+                values[key].append(value)
+    return " ".join(f"{key}={','.join(found)}" for key, found in values.items())
+
+
+def aot_table(report: dict) -> str:
+    """RESULTS.md's ptxas table: one row per variant, sm_80 and sm_90 side by side."""
+    rows: dict[tuple, dict] = {}
+    for v in report["variants"]:
+        tiles = " ".join(f"{k}={val}" for k, val in v["constexprs"].items() if k.startswith("BLOCK") or k == "IMP")
+        key = (v["kernel"].strip("_").removesuffix("_kernel"), v["dtype"], tiles, v["num_warps"])
+        row = rows.setdefault(key, dict(calls=_calls_summary(v["calls"])))
+        row[v["arch"]] = v
+    archs = list(report["targets"])
+    lines = ["| kernel | inputs | tiles | warps | calls | " + " | ".join(
+                 f"{a} regs | {a} spill B | {a} shared B" for a in archs) + " |",
+             "| --- " * (5 + 3 * len(archs)) + "|"]
+    for (kernel, dtype, tiles, warps), row in rows.items():
+        cells = []
+        for arch in archs:
+            v = row.get(arch, {})
+            cells += [str(v.get(field, "-")) for field in ("registers", "spill_stores", "shared")]
+        lines.append(f"| {kernel} | {dtype} | {tiles} | {warps} | {row['calls']} | " + " | ".join(cells) + " |")
+    compiled = [v for v in report["variants"] if "error" not in v]
+    failed = len(report["variants"]) - len(compiled)
+    if not compiled:
+        return f"All {failed} variants FAILED to compile (see {AOT_OUT.name}).\n\n" + "\n".join(lines)
+    top = max(compiled, key=lambda v: v["registers"])
+    spilled = [v for v in compiled if v["spill_stores"]]
+    widest = max(compiled, key=lambda v: v["shared"])
+    summary = (f"{len(report['variants'])} variants ({report['calls']} representative calls, each for "
+               f"{' and '.join(archs)}) compiled with Triton {report['triton']} in "
+               f"{report['compile_wall_s']} s{f', {failed} FAILED' if failed else ''}. Most registers: "
+               f"{top['registers']} ({top['kernel']}, {top['dtype']}, {top['arch']}); spills in "
+               f"{len(spilled)} variants, at most {max((v['spill_stores'] for v in spilled), default=0)} bytes "
+               f"per thread; most shared memory: {widest['shared'] / 1024:g} KB ({widest['kernel']}, "
+               f"{widest['dtype']}) of {report['shared_limit']['sm_80'] / 1024:g} KB (sm_80) and "
+               f"{report['shared_limit']['sm_90'] / 1024:g} KB (sm_90).")
+    return summary + "\n\n" + "\n".join(lines)
+
+
+def aot(out: Path, jobs: int) -> dict:
+    """Compiles every kernel variant for sm_80 and sm_90 (dist_xqa.kernels.aot, in a process
+    without the interpreter this script may have chosen), writes `out` and the ptxas table
+    between RESULTS.md's kernels:aot markers; exits non-zero on a failure."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out.unlink(missing_ok=True)  # never a table from an earlier run's report
+    done = subprocess.run([sys.executable, "-m", "dist_xqa.kernels.aot", "--out", str(out), "--jobs", str(jobs)],
+                          env=env, cwd=Path(__file__).resolve().parents[1])
+    if not out.exists():
+        sys.exit(f"benchmarks/kernels.py aot: the compile wrote no report (exit status {done.returncode})")
+    report = json.loads(out.read_text())
+    text = RESULTS_MD.read_text()
+    begin, end = AOT_MARKERS
+    if begin not in text or end not in text:
+        sys.exit(f"benchmarks/kernels.py aot: {RESULTS_MD} lacks the markers {begin} ... {end}")
+    head, rest = text.split(begin, 1)
+    RESULTS_MD.write_text(f"{head}{begin}\n{aot_table(report)}\n{end}{rest.split(end, 1)[1]}")
+    print(f"wrote {out} and the ptxas table in {RESULTS_MD}")
+    if done.returncode:
+        sys.exit(done.returncode)
+    return report
 
 
 if __name__ == "__main__":

@@ -69,12 +69,13 @@ def alignment_off_by_one_percent(h_t, h_s, t_mask, s_mask):
 
 def alignment_bad_tiles(h_t, h_s, t_mask, s_mask):
     # A kernel variant with a 48-row tile: the compiler rejects tl.arange(0, 48).
-    tiles = alignment._tiles
-    alignment._tiles = lambda hidden: dict(tiles(hidden), BLOCK_I=48)
+    choose = alignment.launch_meta
+    alignment.launch_meta = lambda hidden, dtype: {part: dict(meta, BLOCK_I=48)
+                                                   for part, meta in choose(hidden, dtype).items()}
     try:
         return ALIGNMENT_KERNEL(h_t, h_s, t_mask, s_mask)
     finally:
-        alignment._tiles = tiles
+        alignment.launch_meta = choose
 
 
 BROKEN = {  # id: (kernel name, module, attribute, broken variant, call, expected error text)
@@ -146,3 +147,86 @@ def test_auto_on_cpu_tensors_takes_the_reference_unchecked(monkeypatch, caplog):
     assert kernel.calls == 0 and not caplog.records
     ref_loss, ref_weights = losses.entropy_weighted_kd(student, teachers, mask)
     assert torch.equal(loss, ref_loss) and torch.equal(weights, ref_weights)
+
+
+# --- one check per compiled variant ----------------------------------------------------------
+
+
+class Recording(Counting):
+    """Counts a kernel's calls and records the shapes and dtypes of the first tensor argument."""
+
+    def __init__(self, fn):
+        super().__init__(fn)
+        self.inputs = []
+
+    def __call__(self, first, *args, **kwargs):
+        self.inputs.append((tuple(first.shape), first.dtype))
+        return super().__call__(first, *args, **kwargs)
+
+
+def checks_logged(caplog, name):
+    return [r.getMessage() for r in caplog.records
+            if r.name == LOGGER and f"kernel {name!r} passed its self-check" in r.getMessage()]
+
+
+def test_each_kd_variant_is_checked_once_on_the_callers_inputs(monkeypatch, caplog):
+    # L = 40 and L = 48 compile to different variants (48 is divisible by 16: Triton
+    # specialises on it), as do float32 and float16 inputs: three checks, each on the
+    # caller's own shapes; the repeated call of a checked variant runs the kernel alone.
+    kernel = Recording(kd.entropy_weighted_kd)
+    monkeypatch.setattr(kd, "entropy_weighted_kd", kernel)
+    calls = [(5, 40, 3, torch.float32), (6, 48, 3, torch.float32), (7, 40, 3, torch.float32),
+             (5, 40, 3, torch.float16)]
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        for rows, length, k, dtype in calls:
+            student, teachers, mask = kd_case(rows, length, k, dtype=dtype, device="cpu")
+            loss, _ = kernels.entropy_weighted_kd(student, teachers, mask, impl="checked")
+            assert "_KDRowLossesBackward" in autograd_nodes(loss)
+    assert kernel.inputs == [((5, 40), torch.float32)] * 2 + [((6, 48), torch.float32)] * 2 + [
+        ((7, 40), torch.float32)] + [((5, 40), torch.float16)] * 2
+    messages = checks_logged(caplog, "kd")
+    assert len(messages) == 3
+    assert "L=any" in messages[0] and "L=16" in messages[1] and "student=float16" in messages[2]
+
+
+def test_each_alignment_variant_is_checked_once_on_the_callers_shapes(monkeypatch, caplog):
+    # I = J = 9 and I = J = 16 are two variants; the check takes the caller's first two
+    # examples at the caller's I, J and H.
+    kernel = Recording(alignment.alignment_entropy)
+    monkeypatch.setattr(alignment, "alignment_entropy", kernel)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        for batch, n in ((3, 9), (3, 16), (2, 16)):
+            h_t, h_s, t_mask, s_mask = alignment_case(batch, n, n, 20, device="cpu")
+            kernels.alignment_entropy(h_t, h_s, t_mask, s_mask, impl="checked").backward()
+    assert kernel.inputs == [((2, 9, 20), torch.float32), ((3, 9, 20), torch.float32),
+                             ((2, 16, 20), torch.float32), ((3, 16, 20), torch.float32),
+                             ((2, 16, 20), torch.float32)]
+    messages = checks_logged(caplog, "alignment")
+    assert len(messages) == 2 and "I=any" in messages[0] and "I=16" in messages[1]
+
+
+def test_a_failing_variant_falls_back_alone(monkeypatch, caplog):
+    # A kernel that is wrong only for rows of a multiple of 16 positions (as a miscompiled
+    # specialisation would be): those calls get the reference after one warning, the other
+    # variant keeps the kernel.
+    def wrong_when_divisible(student, teachers, mask, tau, *args):
+        return KD_KERNEL(student, teachers, mask, tau * (1.01 if student.shape[1] % 16 == 0 else 1.0), *args)
+
+    kernel = Counting(wrong_when_divisible)
+    monkeypatch.setattr(kd, "entropy_weighted_kd", kernel)
+    results = {}
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        for length in (48, 40, 48, 40):
+            student, teachers, mask = kd_case(4, length, 3, device="cpu")
+            loss, _ = kernels.entropy_weighted_kd(student, teachers, mask, impl="checked")
+            results.setdefault(length, []).append(loss)
+    warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "L=16" in warnings[0] and "loss: Scalars are not close" in warnings[0]
+    assert kernel.calls == 1 + 3, "48: the failed check only; 40: a check, then the kernel twice"
+    for length, got in results.items():
+        student, teachers, mask = kd_case(4, length, 3, device="cpu")
+        want = losses.entropy_weighted_kd(student, teachers, mask)[0]
+        fused = length == 40
+        for loss in got:
+            torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+            assert ("_KDRowLossesBackward" in autograd_nodes(loss)) == fused

@@ -1,11 +1,13 @@
 """Loss kernels, the same API on every device.
 
-On CUDA tensors these run fused Triton kernels (kd.py, alignment.py) once each has passed
-its first-use self-check (selfcheck.py; on failure, the reference with one warning); elsewhere
-the PyTorch reference in dist_xqa.losses, which is also their specification. The environment
-variable DIST_XQA_KERNELS=checked|triton|reference, or the `impl` argument, forces a path
-("triton": the kernel, unchecked); with TRITON_INTERPRET=1 the Triton paths run on CPU
-tensors (slowly: tests only).
+On CUDA tensors these run fused Triton kernels (kd.py, alignment.py) once the compiled
+variant a call needs (its dtypes, mode, tiles and shape classes) has passed its first-use
+self-check on the caller's inputs (selfcheck.py; on failure, the reference with one warning);
+elsewhere the PyTorch reference in dist_xqa.losses, which is also their specification. The
+environment variable DIST_XQA_KERNELS=checked|triton|reference, or the `impl` argument,
+forces a path ("triton": the kernel, unchecked); with TRITON_INTERPRET=1 the Triton paths run
+on CPU tensors (slowly: tests only). The kernels are compiled ahead of time for sm_80 and
+sm_90 by dist_xqa.kernels.aot (tests/test_kernel_aot.py), which needs no GPU.
 """
 
 from __future__ import annotations
@@ -72,9 +74,11 @@ def entropy_weighted_kd(
     path = select_impl(student, impl)
     if path != "reference":
         losses.check_kd_inputs(student, teachers, mask, tau, mode, fixed_weights)  # a bad call is no kernel failure
-        kernel = _kernel_module("kd").entropy_weighted_kd
+        module = _kernel_module("kd")
+        kernel = module.entropy_weighted_kd
         if path == "triton" or selfcheck.passed(
-            "kd", student.device, lambda: selfcheck.check_kd(kernel, student, teachers, tau, mode, sign)
+            "kd", student.device, module.variant(student, teachers, mask, mode),
+            lambda: selfcheck.check_kd(kernel, student, teachers, mask, tau, mode, fixed_weights, sign),
         ):
             return kernel(student, teachers, mask, tau, mode, fixed_weights, sign, return_row_losses)
     return losses.entropy_weighted_kd(student, teachers, mask, tau, mode, fixed_weights, sign, return_row_losses)
@@ -95,9 +99,11 @@ def alignment_entropy(
     path = select_impl(h_t, impl)
     if path != "reference":
         losses.check_alignment_inputs(h_t, h_s, t_mask, s_mask)  # a bad call is no kernel failure
-        kernel = _kernel_module("alignment").alignment_entropy
+        module = _kernel_module("alignment")
+        kernel = module.alignment_entropy
         if path == "triton" or selfcheck.passed(
-            "alignment", h_t.device, lambda: selfcheck.check_alignment(kernel, h_t)
+            "alignment", h_t.device, module.variant(h_t, h_s, s_mask),
+            lambda: selfcheck.check_alignment(kernel, h_t, h_s, t_mask, s_mask),
         ):
             return kernel(h_t, h_s, t_mask, s_mask)
     return losses.alignment_entropy(h_t, h_s, t_mask, s_mask)

@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_xqa import losses
+from dist_xqa.kernels.launch import Launch, int_class, pointer_class
 
 # Masked scores are set to this finite value, not -inf: the running max of a tile with no
 # valid position stays finite, so exp(m_old - m_new) is never exp(-inf + inf) = NaN.
@@ -176,22 +177,99 @@ def _alignment_bwd_dhs_kernel(
              acc.to(dhs_ptr.dtype.element_ty), mask=col_in[:, None] & ho_ok[None, :])
 
 
-def _tiles(hidden: int) -> dict[str, int]:
-    """Tile sizes. Every tl.dot dimension stays >= 16 (GPUs reject smaller dot tiles).
+def launch_meta(hidden: int, dtype: torch.dtype) -> dict[str, dict]:
+    """Constexprs and warps of the forward and of both backward kernels for hidden size
+    `hidden` and inputs of `dtype`: the one choice of tiles, made here for the launcher, the
+    self-check's variant key and the ahead-of-time compile (dist_xqa.kernels.aot).
 
-    GPU values are first choices, not yet tuned on hardware. The interpreter runs each program
-    in numpy, where larger tiles mean fewer Python steps.
+    Every tl.dot dimension stays >= 16 (GPUs reject smaller dot tiles). GPU values are first
+    choices, not timed on hardware; the compiled variants all fit an A100's shared memory
+    (benchmarks/RESULTS.md, ptxas table). float32 inputs take exact (FMA, not tensor-core)
+    products, which need more registers: with 256 gradient columns per program the backward
+    spilled ~600 bytes per thread on sm_80 and sm_90, with 128 it spills none. The
+    interpreter runs each program in numpy, where larger tiles mean fewer Python steps.
     """
     width = max(16, triton.next_power_of_2(hidden))
     if triton.knobs.runtime.interpret:
-        return dict(BLOCK_I=64, BLOCK_J=64, BLOCK_H=min(width, 128), BLOCK_HO=min(width, 128))
-    return dict(BLOCK_I=64, BLOCK_J=64, BLOCK_H=min(width, 64), BLOCK_HO=min(width, 256))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
+        tiles = dict(BLOCK_I=64, BLOCK_J=64, BLOCK_H=min(width, 128), BLOCK_HO=min(width, 128))
+    else:
+        tiles = dict(BLOCK_I=64, BLOCK_J=64, BLOCK_H=min(width, 64),
+                     BLOCK_HO=min(width, 128 if dtype == torch.float32 else 256))
     # float32 inputs get exact float32 products (as torch.bmm without TF32 does); for
     # 16-bit inputs the setting does not apply.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    forward = {name: tiles[name] for name in ("BLOCK_I", "BLOCK_J", "BLOCK_H")}
+    return dict(forward=dict(forward, DOT_PRECISION=precision, num_warps=4),
+                backward=dict(tiles, DOT_PRECISION=precision, num_warps=8))
+
+
+def variant(h_t: Tensor, h_s: Tensor, s_mask: Tensor) -> tuple:
+    """Which compiled variants of the three kernels a call runs (see dist_xqa.kernels.launch):
+    the dtype, launch_meta, and Triton's classes of the integer arguments and pointers."""
+    batch, n_t, hidden = h_t.shape
+    n_s = h_s.shape[1]
+    meta = launch_meta(hidden, h_t.dtype)
+    return (("dtype", h_t.dtype), *((f"forward {k}", v) for k, v in meta["forward"].items()),
+            *((f"backward {k}", v) for k, v in meta["backward"].items()),
+            # I, J, H, then the contiguous strides I * H, H, J * H (H again)
+            *((name, int_class(v)) for name, v in (("I", n_t), ("J", n_s), ("H", hidden),
+                                                     ("I*H", n_t * hidden), ("J*H", n_s * hidden))),
+            *((f"{name} pointer", pointer_class(t)) for name, t in (("h_t", h_t), ("h_s", h_s), ("s_mask", s_mask))))
+
+
+def forward_plan(h_t: Tensor, h_s: Tensor, s_mask: Tensor) -> tuple[list[Launch], tuple[Tensor, ...]]:
+    """The forward kernel's launch (none when there is no row) and (h_t, h_s and s_mask as
+    the kernels take them, the row entropy, max, log-sum and centred mean [B, I] fp32)."""
+    h_t, h_s = h_t.contiguous(), h_s.contiguous()
+    s_mask = s_mask.contiguous().view(torch.uint8)
+    batch, n_t, hidden = h_t.shape
+    n_s = h_s.shape[1]
+    entropy, row_max, log_s, cmean = (
+        torch.empty(batch, n_t, device=h_t.device, dtype=torch.float32) for _ in range(4)
+    )
+    meta = launch_meta(hidden, h_t.dtype)["forward"]
+    launches = []
+    if entropy.numel() > 0:
+        grid = (triton.cdiv(n_t, meta["BLOCK_I"]), batch)
+        args = (h_t, h_s, s_mask, entropy, row_max, log_s, cmean, n_t, n_s, hidden, 1.0 / math.sqrt(hidden),
+                h_t.stride(0), h_t.stride(1), h_s.stride(0), h_s.stride(1))
+        launches.append(Launch(_alignment_fwd_kernel, grid, args, meta))
+    return launches, (h_t, h_s, s_mask, entropy, row_max, log_s, cmean)
+
+
+def backward_plan(
+    h_t: Tensor, h_s: Tensor, s_mask: Tensor, row_max: Tensor, log_s: Tensor, cmean: Tensor,
+    d_entropy: Tensor, needs_grad: tuple[bool, bool],
+) -> tuple[list[Launch], Tensor | None, Tensor | None]:
+    """The backward kernels' launches for the gradients `needs_grad` asks for (h_t, h_s), and
+    those gradients (None where not asked), all from forward_plan's tensors."""
+    batch, n_t, hidden = h_t.shape
+    n_s = h_s.shape[1]
+    meta = launch_meta(hidden, h_t.dtype)["backward"]
+    # g_ij carries the upstream gradient, which is tiny (1 / (B * I)) and would underflow
+    # in float16 on its way into tl.dot. So the kernels use dH / max|dH| and multiply the
+    # accumulated result back by out_scale = -max|dH| / sqrt(H).
+    d_entropy = d_entropy.float().contiguous()
+    peak = d_entropy.abs().amax() if d_entropy.numel() else d_entropy.new_zeros(())
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    d_normalised = d_entropy / peak
+    out_scale = (-peak / math.sqrt(hidden)).reshape(1)
+    args = (h_t, h_s, s_mask, d_normalised, row_max, log_s, cmean, out_scale)
+    shape_args = (n_t, n_s, hidden, 1.0 / math.sqrt(hidden),
+                  h_t.stride(0), h_t.stride(1), h_s.stride(0), h_s.stride(1))
+    n_ho = triton.cdiv(hidden, meta["BLOCK_HO"])
+    launches, d_ht, d_hs = [], None, None
+    if needs_grad[0]:
+        d_ht = torch.zeros_like(h_t)
+        if d_ht.numel() > 0:
+            grid = (triton.cdiv(n_t, meta["BLOCK_I"]), n_ho, batch)
+            launches.append(Launch(_alignment_bwd_dht_kernel, grid, (*args, d_ht, *shape_args), meta))
+    if needs_grad[1]:
+        d_hs = torch.zeros_like(h_s)
+        if d_hs.numel() > 0 and n_t > 0:
+            grid = (triton.cdiv(n_s, meta["BLOCK_J"]), n_ho, batch)
+            launches.append(Launch(_alignment_bwd_dhs_kernel, grid, (*args, d_hs, *shape_args), meta))
+    return launches, d_ht, d_hs
 
 
 class _AlignmentRowEntropy(torch.autograd.Function):
@@ -199,56 +277,17 @@ class _AlignmentRowEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_t, h_s, s_mask):
-        h_t, h_s = h_t.contiguous(), h_s.contiguous()
-        s_mask = s_mask.contiguous().view(torch.uint8)
-        batch, n_t, hidden = h_t.shape
-        n_s = h_s.shape[1]
-        entropy, row_max, log_s, cmean = (
-            torch.empty(batch, n_t, device=h_t.device, dtype=torch.float32) for _ in range(4)
-        )
-        tiles = _tiles(hidden)
-        scale = 1.0 / math.sqrt(hidden)
-        if entropy.numel() > 0:
-            grid = (triton.cdiv(n_t, tiles["BLOCK_I"]), batch)
-            _alignment_fwd_kernel[grid](
-                h_t, h_s, s_mask, entropy, row_max, log_s, cmean, n_t, n_s, hidden, scale,
-                h_t.stride(0), h_t.stride(1), h_s.stride(0), h_s.stride(1),
-                BLOCK_I=tiles["BLOCK_I"], BLOCK_J=tiles["BLOCK_J"], BLOCK_H=tiles["BLOCK_H"],
-                DOT_PRECISION=_dot_precision(h_t.dtype), num_warps=4,
-            )
+        launches, (h_t, h_s, s_mask, entropy, row_max, log_s, cmean) = forward_plan(h_t, h_s, s_mask)
+        for launch in launches:
+            launch.run()
         ctx.save_for_backward(h_t, h_s, s_mask, row_max, log_s, cmean)
         return entropy
 
     @staticmethod
     def backward(ctx, d_entropy):
-        h_t, h_s, s_mask, row_max, log_s, cmean = ctx.saved_tensors
-        batch, n_t, hidden = h_t.shape
-        n_s = h_s.shape[1]
-        tiles = _tiles(hidden)
-        # g_ij carries the upstream gradient, which is tiny (1 / (B * I)) and would underflow
-        # in float16 on its way into tl.dot. So the kernels use dH / max|dH| and multiply the
-        # accumulated result back by out_scale = -max|dH| / sqrt(H).
-        d_entropy = d_entropy.float().contiguous()
-        peak = d_entropy.abs().amax() if d_entropy.numel() else d_entropy.new_zeros(())
-        peak = torch.where(peak > 0, peak, torch.ones_like(peak))
-        d_normalised = d_entropy / peak
-        out_scale = (-peak / math.sqrt(hidden)).reshape(1)
-        args = (h_t, h_s, s_mask, d_normalised, row_max, log_s, cmean, out_scale)
-        shape_args = (n_t, n_s, hidden, 1.0 / math.sqrt(hidden),
-                      h_t.stride(0), h_t.stride(1), h_s.stride(0), h_s.stride(1))
-        meta = dict(tiles, DOT_PRECISION=_dot_precision(h_t.dtype), num_warps=8)
-        n_ho = triton.cdiv(hidden, tiles["BLOCK_HO"])
-        d_ht = d_hs = None
-        if ctx.needs_input_grad[0]:
-            d_ht = torch.zeros_like(h_t)
-            if d_ht.numel() > 0:
-                grid = (triton.cdiv(n_t, tiles["BLOCK_I"]), n_ho, batch)
-                _alignment_bwd_dht_kernel[grid](*args, d_ht, *shape_args, **meta)
-        if ctx.needs_input_grad[1]:
-            d_hs = torch.zeros_like(h_s)
-            if d_hs.numel() > 0 and n_t > 0:
-                grid = (triton.cdiv(n_s, tiles["BLOCK_J"]), n_ho, batch)
-                _alignment_bwd_dhs_kernel[grid](*args, d_hs, *shape_args, **meta)
+        launches, d_ht, d_hs = backward_plan(*ctx.saved_tensors, d_entropy, ctx.needs_input_grad[:2])
+        for launch in launches:
+            launch.run()
         return d_ht, d_hs, None
 
 

@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dist_xqa import losses
+from dist_xqa.kernels.launch import Launch, int_class, pointer_class
 
 # Masked scores are set to this finite value, not -inf: the running max of a tile with no
 # valid position stays finite, so exp(m_old - m_new) is never exp(-inf + inf) = NaN.
@@ -144,7 +145,32 @@ def _kd_rows_kernel(
         tl.store(grad_ptr + row * L + cols, tl.where(valid, grad, 0.0), mask=in_row)
 
 
-def _launch(
+def launch_meta(k: int, length: int, mode: str, block_l: int | None = None) -> dict:
+    """The kernel's constexprs and warps for K teachers and rows of `length`: the one choice of
+    tiles, made here for the launcher, the self-check's variant key and the ahead-of-time
+    compile (dist_xqa.kernels.aot). A [BLOCK_K, BLOCK_L] teacher tile of at most _MAX_TILE
+    elements: a whole row of up to 512 positions in one step for K <= 8. The kernel keeps
+    nothing in shared memory but its reductions' scratch (at most 8 KB compiled for sm_80 and
+    sm_90, benchmarks/RESULTS.md), so no K or L is refused."""
+    block_k = triton.next_power_of_2(k)
+    if block_l is None:
+        block_l = min(triton.next_power_of_2(length), max(16, _MAX_TILE // block_k))
+    return dict(IMP=mode == "imp", BLOCK_K=block_k, BLOCK_L=block_l,
+                num_warps=4 if block_k * block_l <= 2048 else 8)
+
+
+def variant(student: Tensor, teachers: Tensor, mask: Tensor, mode: str, block_l: int | None = None) -> tuple:
+    """Which compiled variant of the kernel a call runs (see dist_xqa.kernels.launch): the
+    dtypes, launch_meta, and Triton's classes of the integer arguments and pointers."""
+    k, rows, length = teachers.shape
+    return (("student", student.dtype), ("teachers", teachers.dtype),
+            *launch_meta(k, length, mode, block_l).items(),
+            ("L", int_class(length)), ("K", int_class(k)), ("teacher_stride", int_class(rows * length)),
+            *((f"{name} pointer", pointer_class(t)) for name, t in (("student", student), ("teachers", teachers),
+                                                                   ("mask", mask))))
+
+
+def plan(
     student: Tensor,
     teachers: Tensor,
     mask: Tensor,
@@ -153,8 +179,9 @@ def _launch(
     fixed_weights: Tensor | None,
     sign: float,
     block_l: int | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Run the kernel: (row losses [R] fp32, weights [R, K] fp32, d rows / d student [R, L] fp32)."""
+) -> tuple[list[Launch], tuple[Tensor, Tensor, Tensor]]:
+    """The kernel's launch (none for no rows) and the tensors it fills: (row losses [R] fp32,
+    weights [R, K] fp32, d rows / d student [R, L] fp32)."""
     k, rows, length = teachers.shape
     student = student.contiguous()
     teachers = teachers.contiguous()
@@ -166,17 +193,10 @@ def _launch(
         weights = losses.teacher_weights(teachers, mask, "hyper", fixed_weights).float().contiguous()
     else:
         weights = torch.empty(rows, k, device=device, dtype=torch.float32)
-    block_k = triton.next_power_of_2(k)
-    if block_l is None:
-        block_l = min(triton.next_power_of_2(length), max(16, _MAX_TILE // block_k))
-    if rows > 0:
-        _kd_rows_kernel[(rows,)](
-            student, teachers, mask_bytes, row_loss, weights, grad,
-            length, k, rows * length, float(tau), float(sign),
-            IMP=mode == "imp", BLOCK_K=block_k, BLOCK_L=block_l,
-            num_warps=4 if block_k * block_l <= 2048 else 8,
-        )
-    return row_loss, weights, grad
+    args = (student, teachers, mask_bytes, row_loss, weights, grad,
+            length, k, rows * length, float(tau), float(sign))
+    launches = [Launch(_kd_rows_kernel, (rows,), args, launch_meta(k, length, mode, block_l))] if rows > 0 else []
+    return launches, (row_loss, weights, grad)
 
 
 class _KDRowLosses(torch.autograd.Function):
@@ -184,7 +204,9 @@ class _KDRowLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teachers, mask, tau, mode, fixed_weights, sign, block_l):
-        row_loss, weights, grad = _launch(student, teachers, mask, tau, mode, fixed_weights, sign, block_l)
+        launches, (row_loss, weights, grad) = plan(student, teachers, mask, tau, mode, fixed_weights, sign, block_l)
+        for launch in launches:
+            launch.run()
         ctx.save_for_backward(grad)
         ctx.student_dtype = student.dtype
         ctx.mark_non_differentiable(weights)
