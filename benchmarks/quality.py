@@ -13,9 +13,9 @@ seed 0 first, so that a partial table is already useful), each as
     [DS_ACCELERATOR=cpu] deepspeed --num_gpus N --master_port P dist_xqa/train.py \
         --deepspeed ds_configs/zero2.json --config CONFIG key=value ... run_dir=WORK/seed<s>/<row>
 
-Rows that share teachers with another row of the same seed (`Row.reuse_from`) get that
-row's finished teacher (or SKD phase-1) models hard-linked into their run directory: the
-trainer skips a finished stage (its DONE.json), so only what differs is trained.
+Rows that share teachers with another row of the same seed (`Row.reuse_from`) borrow that
+row's finished teacher (or SKD phase-1) models with `phase1_from=<its run directory>`: the
+trainer uses them as they are, so only what differs is trained.
 
 A row x seed counts as done once the trainer exited 0 and its `eval/summary.json` holds
 every model of the run on every test set, newer than every model (collect()); then its
@@ -260,39 +260,13 @@ def shared_models(cfg: RunConfig) -> list[Path]:
     return []
 
 
-def link_tree(src: Path, dst: Path) -> None:
-    """Hard links (a copy across file systems): the finished models are never written again."""
-    if src.is_dir():
-        shutil.copytree(src, dst, copy_function=_link_or_copy, dirs_exist_ok=True)
-    elif src.exists():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        _link_or_copy(src, dst)
-
-
-def _link_or_copy(src, dst) -> None:
-    try:
-        if Path(dst).exists():
-            Path(dst).unlink()
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def reuse(source_dir: Path, run_dir: Path, cfg: RunConfig) -> list[str]:
-    """Links the finished shared models (and their scores) of `source_dir` into `run_dir`;
-    returns the names of the models reused (none when the source has not finished them)."""
-    models = shared_models(cfg)
-    source, target = RunLayout(source_dir), RunLayout(run_dir)
-    if not models or not all(source.done(source_dir / d).exists() for d in models):
+def borrowed_models(source_dir: Path, cfg: RunConfig) -> list[str]:
+    """The shared models of `source_dir` a row borrows with `phase1_from` (their role names),
+    none when the source has not finished them (the row then trains its own)."""
+    models = [source_dir / d for d in shared_models(cfg)]
+    if not models or not all(RunLayout.done(d).exists() for d in models):
         return []
-    names = []
-    for model_dir in models:
-        name = RunLayout.model_name(source_dir / model_dir)
-        if not target.done(run_dir / model_dir).exists():
-            link_tree(source_dir / model_dir, run_dir / model_dir)
-            link_tree(source.eval_result(name), target.eval_result(name))
-        names.append(name)
-    return names
+    return [RunLayout.model_name(d) for d in models]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -396,9 +370,11 @@ def main(argv=None) -> int:
         run_dir = work / f"seed{seed}" / name
         run_dir.mkdir(parents=True, exist_ok=True)
         row = ROWS[name]
-        reused[key] = reuse(work / f"seed{seed}" / row.reuse_from, run_dir, cfg) if row.reuse_from else []
+        source = work / f"seed{seed}" / row.reuse_from if row.reuse_from else None
+        reused[key] = borrowed_models(source, cfg) if source else []
+        borrow = [f"phase1_from={source}"] if reused[key] else []
         note = f" (reusing {', '.join(reused[key])} of {row.reuse_from})" if reused[key] else ""
-        return Launch(run_dir, trainer_command(args, resolve(overrides) + [f"seed={seed}"], run_dir), note)
+        return Launch(run_dir, trainer_command(args, resolve(overrides) + [f"seed={seed}"] + borrow, run_dir), note)
 
     def finish(key: tuple[str, int], launch: Launch, rc: int, wall: float, _) -> dict | None:
         name, seed = key

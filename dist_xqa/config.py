@@ -334,6 +334,10 @@ class RunConfig:
     name: str = "demo"
     run_dir: str | None = None  # default runs/<name> under the working directory
     seed: int = 0
+    # Another run directory whose finished phase-1 models (LBMRC's teachers, SKD's phase-1
+    # model) this run uses as they are, training none of its own (dist_xqa.jobs.job_dir);
+    # refused when that run's data or model settings differ (dist_xqa.stages). null: train them.
+    phase1_from: str | None = None
     run: RunSettings = field(default_factory=RunSettings)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -617,6 +621,10 @@ def validate(cfg: RunConfig) -> None:
          f"distill.lambda_nll and distill.lambda_kd must be >= 0, not both 0; got {k.lambda_nll} and {k.lambda_kd}")
     need(not k.placebo_shuffle or s.name == "lbmrc",
          f"distill.placebo_shuffle is a control of strategy lbmrc, not of '{s.name}'")
+    need(cfg.phase1_from is None or s.name == "lbmrc" or (s.name == "skd" and s.skd.phase1),
+         f"phase1_from borrows LBMRC's teachers or SKD's phase-1 model; strategy '{s.name}' has none to borrow")
+    need(cfg.phase1_from is None or Path(cfg.phase1_from).resolve() != cfg.run_path.resolve(),
+         f"phase1_from names this run's own directory ({cfg.phase1_from}); leave it null to train the models here")
     need(k.lookahead_shards >= 1, "distill.lookahead_shards must be at least 1")
     need(k.store_mode in ("window", "cache"), f"distill.store_mode must be window or cache, got '{k.store_mode}'")
     need(k.logits_dtype in ("float16", "bfloat16"), "distill.logits_dtype must be float16 or bfloat16")

@@ -65,8 +65,20 @@ def trains_student(cfg: RunConfig) -> bool:
 
 def job_dir(cfg: RunConfig, job: Job) -> Path:
     """Where a phase-1 job's model is saved: LBMRC's teachers under teachers/, the other
-    strategies' models under models/."""
-    return RunLayout(cfg.run_path).phase1_model(job.name, teacher=cfg.strategy.name == "lbmrc")
+    strategies' models under models/; with `phase1_from`, in that run's directory (the
+    model is borrowed as it is: every consumer, from training to the stage records and
+    the evaluation, finds it there and none writes it)."""
+    return RunLayout(phase1_root(cfg)).phase1_model(job.name, teacher=cfg.strategy.name == "lbmrc")
+
+
+def phase1_root(cfg: RunConfig) -> Path:
+    """The run directory the phase-1 models live in: this run's, or `phase1_from`."""
+    return Path(cfg.phase1_from) if cfg.phase1_from else cfg.run_path
+
+
+def borrowed(cfg: RunConfig, model_dir: Path) -> bool:
+    """Whether `model_dir` is a phase-1 model of another run (phase1_from)."""
+    return cfg.phase1_from is not None and model_dir in phase1_dirs(cfg).values()
 
 
 def phase1_dirs(cfg: RunConfig) -> dict[str, Path]:

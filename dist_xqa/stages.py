@@ -31,6 +31,11 @@ teacher/student.global_batch_size a step's rows follow the group sizes of the ro
 so the training stages also record their effective batches (effective_batches), compared
 once the plan is made (batch_change). The prepared data (prepared/) carries the
 fingerprint of its own key selection, PREPARED_KEYS (fingerprint).
+
+`phase1_from: <run>` borrows another run's finished phase-1 models as they are: the run
+has no teachers stage, its distill record holds the borrowed models' weight hashes, and
+check_phase1_from refuses a source made from other data, model or tokenizer settings
+(PHASE1_FROM_KEYS) or with a model unfinished, before anything trains.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dist_xqa.config import ConfigError, RunConfig
+from dist_xqa.config import ConfigError, RunConfig, load_config
 from dist_xqa.files import read_json, write_json
 from dist_xqa.jobs import STUDENT_STRATEGIES, phase1_dirs
 from dist_xqa.layout import RunLayout
@@ -113,9 +118,10 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def stage_names(cfg: RunConfig, phase1: list[str]) -> list[str]:
-    """The stages a run of `cfg` has, `phase1` the names of its phase-1 models."""
-    return [s for s in STAGES if (s != "teachers" or phase1) and (s != "distill" or cfg.strategy.name in
-                                                                   STUDENT_STRATEGIES)]
+    """The stages a run of `cfg` has, `phase1` the names of its phase-1 models. A run with
+    `phase1_from` has no teachers stage: its phase-1 models are another run's."""
+    return [s for s in STAGES if (s != "teachers" or (phase1 and not cfg.phase1_from))
+            and (s != "distill" or cfg.strategy.name in STUDENT_STRATEGIES)]
 
 
 def stage_settings(cfg: RunConfig, stage: str, phase1_weights: dict[str, str] | None = None) -> dict[str, Any]:
@@ -215,7 +221,8 @@ def redo_targets(cfg: RunConfig, names: set[str]) -> tuple[set[str], list[str]]:
     """(stages, phase-1 models by role name) that `--redo names` names: a stage, or one
     phase-1 model by its role name (teacher_<lang>, model_<name>) or its directory name
     under teachers/ or models/; ConfigError listing the valid names for any other."""
-    roles = dict(zip(_phase1_roles(cfg), _phase1(cfg)))  # role name -> directory name
+    # role name -> directory name; another run's models (phase1_from) are not this run's to redo
+    roles = {} if cfg.phase1_from else dict(zip(_phase1_roles(cfg), _phase1(cfg)))
     models = {**{name: role for role, name in roles.items()}, **{role: role for role in roles}}
     unknown = sorted(n for n in names if n not in STAGES and n not in models)
     if unknown:
@@ -237,6 +244,7 @@ def check_rerun(cfg: RunConfig, redo: set[str]) -> None:
     every model); the teachers' record stays, so a changed teacher key still needs
     `--redo teachers`."""
     redo_stages, models = redo_targets(cfg, redo)
+    check_phase1_from(cfg)
     names = stage_names(cfg, list(_phase1(cfg)))
     recorded = {s: _config_settings((read_json(record_path(cfg, s)) or {}).get("settings")) for s in names}
     current = {s: stage_settings(cfg, s, phase1_weights(cfg) if s == "distill" and recorded[s] else None)
@@ -259,6 +267,37 @@ def check_rerun(cfg: RunConfig, redo: set[str]) -> None:
                  ", ".join(str(p.relative_to(cfg.run_path)) for p in removed) or "nothing (not run yet)")
 
 
+# What a borrowed phase-1 model (phase1_from) was trained on and tokenizes with: the
+# training data (not the test sets, which are only scored), the model and tokenizer
+# settings, and which branches the teachers were trained on; the demo corpus is drawn
+# from the seed, so there the seed is data too.
+PHASE1_FROM_KEYS = (("data", "model", "strategy.add_english", "strategy.teacher_data"), ("data.test",))
+DEMO_DATA_KEYS = ("seed",)
+
+
+def check_phase1_from(cfg: RunConfig) -> None:
+    """Rank 0, before data preparation: with `phase1_from`, refuses (ConfigError) a source
+    run that has no config, whose data, model or tokenizer settings differ from this
+    run's (naming each key), or that has not finished a model this run borrows."""
+    if not cfg.phase1_from:
+        return
+    source = RunLayout(cfg.phase1_from)
+    where = f"phase1_from {source.root}"
+    if not source.config_file.exists():
+        raise ConfigError(f"{where}: no {source.config_file.name} there: not a run directory of dist_xqa/train.py")
+    keys = (PHASE1_FROM_KEYS[0] + (DEMO_DATA_KEYS if cfg.data.source == "demo" else ()), PHASE1_FROM_KEYS[1])
+    theirs = flatten(select(dataclasses.asdict(load_config(source.config_file)), *keys))
+    ours = flatten(select(dataclasses.asdict(cfg), *keys))
+    if changed := diff(theirs, ours):
+        lines = "\n".join(f"  {k}: {_show(old)} (there) != {_show(new)} (here)" for k, old, new in changed)
+        raise ConfigError(f"{where}: its phase-1 models were made with other settings than this run's:\n{lines}\n"
+                          "Borrowed models must see the same data and tokens as this run's student.")
+    unfinished = [str(d) for d in _phase1(cfg).values() if not RunLayout.done(d).exists()]
+    if unfinished:
+        raise ConfigError(f"{where}: phase-1 model(s) not finished there (no {RunLayout.done(Path()).name}): "
+                          f"{', '.join(unfinished)}; finish that run first, or leave phase1_from null")
+
+
 def _prepared_is_stale(cfg: RunConfig) -> bool:
     info = read_json(RunLayout(cfg.run_path).prepared_info)
     return info is not None and info["fingerprint"] != fingerprint(cfg, PREPARED_KEYS)
@@ -270,7 +309,7 @@ def record(cfg: RunConfig, stage: str, batches: dict[str, int] | None = None) ->
     once they are finished (wait_for_phase1). `batches`: the stage's effective batches
     (effective_batches)."""
     path = record_path(cfg, stage)
-    if path.exists():
+    if path.exists() or stage not in stage_names(cfg, list(_phase1(cfg))):
         return
     made = [p for pattern in stage_outputs(cfg, stage)[:1] for p in cfg.run_path.glob(pattern.rstrip("/"))]
     if made:

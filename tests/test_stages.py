@@ -305,3 +305,58 @@ def test_a_changed_distill_key_is_refused_then_redo_redoes_only_the_student(tmp_
     assert record["settings"]["distill.lambda_kd"] == 0.7
     assert "student" in json.loads((run_dir / "eval" / "summary.json").read_text())
     stages.check_rerun(load_config(None, [f"run_dir={run_dir}", *QUICK, "distill.lambda_kd=0.7"]), set())  # matches now
+
+
+def finished_source(run_dir: Path, *overrides: str) -> dict[Path, str]:
+    """fake_run plus the config.yaml the entry point writes: a run another can borrow from."""
+    import yaml
+
+    files = fake_run(run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(load_config(None, [f"run_dir={run_dir}", *overrides]).to_dict()))
+    return files
+
+
+def test_phase1_from_borrows_the_finished_models_as_they_are_and_records_their_hashes(tmp_path):
+    from dist_xqa.jobs import borrowed, phase1_dirs
+
+    source = tmp_path / "first"
+    files = finished_source(source)
+    cfg = load_config(None, [f"run_dir={tmp_path / 'second'}", f"phase1_from={source}", "distill.lambda_kd=0.7",
+                             "student.global_batch_size=48"])
+    stages.check_rerun(cfg, set())
+    assert phase1_dirs(cfg) == {lang: source / "teachers" / lang for lang in ("en", "es", "de")}
+    assert all(borrowed(cfg, d) for d in phase1_dirs(cfg).values())
+    assert stages.stage_names(cfg, list(phase1_dirs(cfg))) == ["distill", "evaluate"], "no teachers stage"
+    for stage in ("teachers", "distill"):
+        stages.record(cfg, stage)
+    assert not (tmp_path / "second" / "stages" / "teachers.json").exists()
+    weights = json.loads((tmp_path / "second" / "stages" / "distill.json").read_text())["settings"]
+    assert weights["weights.es"] == hashlib.sha256(b"model.safetensors\x0064\x00" + bytes([1]) * 64).hexdigest()
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files} == files, "the source is not written"
+    with pytest.raises(ConfigError, match="not a stage or model of this run"):
+        stages.redo_targets(cfg, {"teacher_en"})  # another run's model is not this run's to redo
+
+
+@pytest.mark.parametrize("override,key", [("data.demo_articles=30", "data.demo_articles"),
+                                          ("model.max_length=128", "model.max_length"),
+                                          ("seed=4", "seed"),  # the demo corpus is drawn from the seed
+                                          ("strategy.add_english=false", "strategy.add_english")])
+def test_phase1_from_refuses_a_source_of_other_data_or_model_settings_naming_the_key(tmp_path, override, key):
+    source = tmp_path / "first"
+    finished_source(source)
+    cfg = load_config(None, [f"run_dir={tmp_path / 'second'}", f"phase1_from={source}", override])
+    with pytest.raises(ConfigError, match=rf"phase1_from {source}: (.|\n)*  {key}: "):
+        stages.check_rerun(cfg, set())
+
+
+def test_phase1_from_refuses_an_unfinished_model_and_a_directory_that_is_no_run(tmp_path):
+    source = tmp_path / "first"
+    finished_source(source)
+    (source / "teachers" / "es" / "DONE.json").unlink()
+    cfg = load_config(None, [f"run_dir={tmp_path / 'second'}", f"phase1_from={source}"])
+    with pytest.raises(ConfigError, match=r"not finished there .*teachers/es"):
+        stages.check_rerun(cfg, set())
+    with pytest.raises(ConfigError, match="not a run directory"):
+        stages.check_rerun(load_config(None, [f"run_dir={tmp_path / 'second'}", f"phase1_from={tmp_path}"]), set())
+    with pytest.raises(ConfigError, match="phase1_from borrows"):
+        load_config(None, [f"phase1_from={source}", "strategy.name=mixmrc"])

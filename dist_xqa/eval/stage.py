@@ -10,7 +10,9 @@ per-pair matrix, XLT / G-XLT, the questions that could not be answered and why) 
 predictions. Rank 0 then prints one table per test set and writes `<run>/eval/summary.json`.
 An X-STA student is scored with translate-test inference where its test set allows it, and
 with p_T alone too (`score_xsta_test_set`). A model's results are redone when the model is
-newer, a test set changed or was added, or X-STA's inference settings changed.
+newer, a test set changed or was added, or X-STA's inference settings changed. Models
+borrowed from another run (phase1_from) are listed as this run's, and take that run's
+results when they are current for this run's test sets (they are scored here otherwise).
 No collective: ranks meet through files.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dist_xqa.eval.decode import postprocess
 from dist_xqa.eval.report import score
 from dist_xqa.files import read_json, write_json
 from dist_xqa.inference import predict_logits
+from dist_xqa.jobs import borrowed, phase1_root
 from dist_xqa.layout import EVAL, RunLayout
 from dist_xqa.models import load_trained
 from dist_xqa.monitor import Monitor
@@ -189,6 +192,11 @@ def evaluate_all(cfg: RunConfig, prepared: Prepared, device: torch.device, model
             wait_for_run_files(cfg.run_path, [layout.done(model_dir)], stall_s, f"evaluation waiting for model {name}")
             heartbeat.beat(i)
             out = layout.eval_result(name)
+            if borrowed(cfg, model_dir) and not _is_current(out, model_dir, fingerprints, cfg):
+                # Another run's model (phase1_from): its scores there serve when they are current.
+                theirs = RunLayout(phase1_root(cfg)).eval_result(name)
+                if _is_current(theirs, model_dir, fingerprints, cfg):
+                    write_json(out, read_json(theirs))
             if not _is_current(out, model_dir, fingerprints, cfg):
                 write_json(out, evaluate_model(model_dir, cfg, prepared, device, heartbeat))
         heartbeat.beat(len(models), state=FINISHED)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from dist_xqa.config import RunConfig, batch_for_group
 from dist_xqa.distributed import TrainingGroup
 from dist_xqa.logits import Manifest, ShardPlan, hash_checkpoint
-from dist_xqa.jobs import DISTILL_SET
+from dist_xqa.jobs import DISTILL_SET, phase1_dirs
 from dist_xqa.layout import RunLayout
 from dist_xqa.logits.writer import serve
 from dist_xqa.prepared import Prepared
@@ -34,7 +34,7 @@ def run_phase2(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePl
         return
     rank = dist.get_rank()
     teachers = list(plan.teachers)
-    teacher_dirs = {t: layout.phase1_model(t, teacher=True) for t in teachers}
+    teacher_dirs = {t: phase1_dirs(cfg)[t] for t in teachers}  # this run's, or phase1_from's
     # Phase 1 and 2 meet through files: every teacher must be saved.
     wait_for_run_files(cfg.run_path, [layout.done(d) for d in teacher_dirs.values()], cfg.run.stall_timeout_s,
                        "phase 2 waiting for the teachers", roles="teacher_*",
