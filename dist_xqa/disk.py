@@ -17,7 +17,8 @@ What is counted, all of it kept to the run's end unless said:
   at most `distill.disk_budget_gb` (the reader evicts above it). A row is the feature id
   and its start and end logits, dense or top-k (`distill.store_topk`);
 - the models: each trained model in Hugging Face format, float32, and a second copy while
-  one is replaced (saved whole before the old one goes);
+  one is replaced (saved whole before the old one goes); self-distillation's teacher
+  snapshot counts as one more (one generation is kept at a time: dist_xqa.roles.skd);
 - the prepared data, as measured on disk.
 """
 from __future__ import annotations
@@ -121,6 +122,13 @@ def count_parameters(cfg, tokenizer) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def saved_models(cfg) -> int:
+    """The models a run keeps in Hugging Face format at its peak: its phase-1 models, the
+    student, and self-distillation's snapshot of the current teacher generation."""
+    snapshot = cfg.strategy.name == "skd" and cfg.strategy.skd.coefficient != "none"
+    return len(model_dirs(cfg)) + snapshot
+
+
 def store_size(cfg, prepared) -> tuple[int, int]:
     """(teachers, features) whose logits the run's store holds: LBMRC's K teachers over D,
     SKD's frozen copy over its training set, (0, 0) for the other strategies."""
@@ -165,7 +173,7 @@ def check_disk(cfg, prepared) -> DiskEstimate:
     shard_rows = student.global_batch_size or student.micro_batch_size * student.grad_accum * world_size
     estimate = estimate_peak(
         parameters=count_parameters(cfg.model, prepared.tokenizer()), groups=trained,
-        keep=cfg.checkpoint.keep, models=trained, store_teachers=store_teachers, store_features=store_features,
+        keep=cfg.checkpoint.keep, models=saved_models(cfg), store_teachers=store_teachers, store_features=store_features,
         shard_rows=shard_rows, lookahead_shards=kd.lookahead_shards, store_mode=kd.store_mode,
         disk_budget_bytes=int(kd.disk_budget_gb * 2**30),
         row_bytes=logit_row_bytes(cfg.model.max_length, kd.logits_dtype, kd.store_topk),

@@ -7,7 +7,10 @@ each epoch with the epoch's seed, against the teacher of the epoch's generation:
 
 - Generation e's teacher is the student's weights at the start of epoch e, saved once in
   Hugging Face format under <run>/skd/teacher_gen<e>. A resumed student loads it instead
-  of taking its own (moved) weights, so every step of epoch e sees one teacher.
+  of taking its own (moved) weights, so every step of epoch e sees one teacher. A
+  checkpoint in epoch e (the one at the end of epoch e - 1 included) is all a resume can
+  start from, so it removes the snapshots of earlier generations: one is kept at a time,
+  and none once the student has finished.
 - Its logits go through the logit store like LBMRC's teachers' (teacher name "self"), with
   a shard plan over epoch e's sample and a manifest carrying `generation = e` and the
   snapshot's hash. Producers are time-shared on the student ranks, each writing its part
@@ -23,10 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -48,6 +51,7 @@ from dist_xqa.roles.loop import GroupLoop, LoopState, full_state_dict
 from dist_xqa.plan import RolePlan
 from dist_xqa.roles.producer import teacher_compute
 from dist_xqa.roles.selection import select_and_save, write_done
+from dist_xqa.roles.student import micro_batch_plan
 from dist_xqa.strategies.skd import map_at_k, skd_loss
 from dist_xqa.waiting import wait_for_run_files
 
@@ -103,6 +107,27 @@ def kl_coefficient(skd: SkdConfig, teacher_start: torch.Tensor, teacher_end: tor
 
 def teacher_dir(cfg: RunConfig, generation: int) -> Path:
     return RunLayout(cfg.run_path).skd_teacher(generation)
+
+
+def remove_earlier_teachers(cfg: RunConfig, generation: int) -> list[Path]:
+    """Removes the snapshots of the generations before `generation` (no resume reads them
+    once a checkpoint of epoch `generation` exists); returns what it removed."""
+    removed = [teacher_dir(cfg, g) for g in range(generation) if teacher_dir(cfg, g).exists()]
+    for directory in removed:
+        shutil.rmtree(directory)
+    return removed
+
+
+def rank_micro_batches(shard_rows: int, group_rank: int, group_size: int,
+                       grad_accum: int) -> list[tuple[list[int], float]]:
+    """(positions in the shard, loss multiplier) of each of this rank's `grad_accum`
+    micro-batches: its part of the shard (rank_rows) split as the LBMRC student splits
+    it (roles.student.micro_batch_plan), so every row of a short shard weighs
+    1 / shard_rows once and a micro-batch left without rows steps on a borrowed row
+    with multiplier 0."""
+    mine = list(range(shard_rows))[rank_rows(shard_rows, group_rank, group_size)]
+    return [([mine[i] for i in index] if mine else [0], weight)
+            for index, weight in micro_batch_plan(len(mine), shard_rows, group_size, grad_accum)]
 
 
 def snapshot_teacher(engine, tokenizer, directory: Path, group: TrainingGroup) -> None:
@@ -222,14 +247,9 @@ def run_skd(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan,
     def train_step(epoch: int, position: int, state: LoopState) -> None:
         gen = generation(epoch)
         rows, t_start, t_end = gen.rows(position, row_of)
-        part = rank_rows(len(rows), group.rank, group.size)
-        mine = list(range(len(rows)))[part]
-        # A short last batch may leave a rank without rows: it still steps (ZeRO's
-        # collectives need every rank) on one borrowed row whose loss counts zero.
-        scale = 1.0 if mine else 0.0
-        mine = mine or [0]
-        for micro in np.array_split(np.asarray(mine), scfg.grad_accum):
-            micro = micro if len(micro) else np.asarray(mine[:1])
+        # Every rank steps every micro-batch (ZeRO's collectives need them all), on a
+        # borrowed row at multiplier 0 where a short last batch leaves it none.
+        for micro, weight in rank_micro_batches(len(rows), group.rank, group.size, scfg.grad_accum):
             micro_rows = [rows[i] for i in micro]
             out = engine(**model_inputs(features, micro_rows, device))
             mask, start_pos, end_pos = label_tensors(features, micro_rows, device)
@@ -243,11 +263,12 @@ def run_skd(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan,
             loss = skd_loss(student_start, student_end, teacher_start, teacher_end, mask, start_pos, end_pos,
                             alpha_ce=skd.alpha_ce, alpha_kl=alpha, tau=skd.temperature,
                             tau_squared=skd.tau_squared, start_end=skd.kl_start_end)
-            engine.backward(loss.total * scale)
+            engine.backward(loss.total * weight)
             engine.step()
-            for name in ("total", "ce", "kl"):
-                scalars.add(f"student/loss/{name}", getattr(loss, name))
-            scalars.add("student/alpha_kl", loss.alpha_kl)
+            if weight:  # a borrowed row is no part of the student's loss
+                for name in ("total", "ce", "kl"):
+                    scalars.add(f"student/loss/{name}", getattr(loss, name))
+                scalars.add("student/alpha_kl", loss.alpha_kl)
         if scalars.due(state.global_step):
             scalars.flush(state.global_step)
             monitor.scalar("student/lr", engine.get_lr()[0], state.global_step)
@@ -259,9 +280,12 @@ def run_skd(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan,
                         monitor, STUDENT, device)
 
     def commit(state: LoopState) -> None:
-        # Shards behind a mid-epoch checkpoint are never read again by a resumed student.
+        # Shards behind a mid-epoch checkpoint are never read again by a resumed student,
+        # nor the teachers of the generations before this checkpoint's epoch.
         if current and current[0].reader is not None and state.epoch == current[0].epoch:
             current[0].reader.commit_progress(0, state.step_in_epoch)
+        if removed := remove_earlier_teachers(cfg, state.epoch):
+            log.info("skd: removed the teacher snapshots no resume reads: %s", ", ".join(p.name for p in removed))
 
     loop = GroupLoop(engine, group, layout.checkpoints(STUDENT), cfg.checkpoint,
                      desc="student (skd)", show_progress=group.rank == 0)
