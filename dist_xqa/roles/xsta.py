@@ -87,6 +87,9 @@ def run_xsta(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan
     source_lang = x.source_lang or cfg.data.source_lang
     pairs = pair_windows(keys, cols["window"], source_lang)
     same = [keys[s][2] == keys[t][2] for s, t in pairs]
+    # the example each pair is a view of: a batch may hold several (one per target language)
+    codes = {example_id: i for i, example_id in enumerate(dict.fromkeys(key[0] for key in keys))}
+    example_of = [codes[keys[s][0]] for s, _ in pairs]
     if group.rank == 0:
         log.info("xsta: %d (source, target) window pairs, %d with the source's own language", len(pairs), sum(same))
     global_batch = scfg.micro_batch_size * scfg.grad_accum * group.size
@@ -107,7 +110,8 @@ def run_xsta(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePlan
             src_rows, tgt_rows = [pairs[p][0] for p in micro], [pairs[p][1] for p in micro]
             loss = engine(model_inputs(features, src_rows, device), model_inputs(features, tgt_rows, device),
                           torch.tensor([same[p] for p in micro], device=device),
-                          label_tensors(features, src_rows, device), label_tensors(features, tgt_rows, device))
+                          label_tensors(features, src_rows, device), label_tensors(features, tgt_rows, device),
+                          torch.tensor([example_of[p] for p in micro], device=device))
             engine.backward(loss.total)
             engine.step()
             for name, value in loss._asdict().items():

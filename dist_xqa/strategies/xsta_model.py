@@ -39,15 +39,18 @@ class XstaModule(nn.Module):
 
     def __init__(self, qa: nn.Module, x: XstaConfig):
         super().__init__()
-        self.encoder = XstaEncoder(qa, x.share_layer, x.lambda0, x.mix_on, x.gdks)
+        self.encoder = XstaEncoder(qa, x.share_layer, x.lambda0, x.mix_on, x.gdks, alignment_layer=x.alignment_layer)
         config = qa.config
         self.calibration = TeacherGuidedCalibration(config.hidden_size, config.num_attention_heads,
-                                                    config.attention_probs_dropout_prob, x.norm_eps, x.normalize)
+                                                    config.attention_probs_dropout_prob, x.norm_eps, x.normalize,
+                                                    norm_stats=x.norm_stats)
         self.x = x
 
     def forward(self, src: dict, tgt: dict, same_language: torch.Tensor, src_labels: tuple,
-                tgt_labels: tuple) -> XstaLoss:
-        """The X-STA loss of a batch of pairs; labels are (positions mask, start, end)."""
+                tgt_labels: tuple, examples: torch.Tensor | None = None) -> XstaLoss:
+        """The X-STA loss of a batch of pairs; labels are (positions mask, start, end);
+        `examples` [B]: the example each pair is a view of (InfoNCE's negatives are other
+        examples only)."""
         out = self.encoder(src, tgt, same_language)
         src_tokens, tgt_tokens = src["attention_mask"].bool(), tgt["attention_mask"].bool()
         calibrated = None
@@ -55,12 +58,12 @@ class XstaModule(nn.Module):
             calibrated = self.calibration(out.h_tgt, out.h_src, tgt_tokens, src_tokens, tgt_labels[0],
                                           src_labels[0], out.src_start, out.src_end)
         return xsta_loss(Span(out.src_start.float(), out.src_end.float(), src_labels[0], src_tokens,
-                              src_labels[1], src_labels[2], out.h_src),
+                              src_labels[1], src_labels[2], out.h_src, out.align_src),
                          Span(out.tgt_start.float(), out.tgt_end.float(), tgt_labels[0], tgt_tokens,
-                              tgt_labels[1], tgt_labels[2], out.h_tgt), calibrated,
+                              tgt_labels[1], tgt_labels[2], out.h_tgt, out.align_tgt), calibrated,
                          alpha=self.x.alpha, gamma=self.x.gamma, sentence_weight=self.x.sentence_weight,
                          token_weight=self.x.token_weight, infonce_tau=self.x.infonce_tau,
-                         alignment=self.x.alignment)
+                         alignment=self.x.alignment, groups=examples)
 
     @torch.no_grad()
     def predict(self, src: dict, tgt: dict, same_language: torch.Tensor, src_positions: torch.Tensor,
