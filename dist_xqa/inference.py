@@ -3,7 +3,7 @@ features become model inputs (and span labels), shared by training, logit produc
 evaluation."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,8 +34,10 @@ def label_tensors(features, rows: list[int], device: torch.device) -> tuple[torc
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, features, batch_size: int, device: torch.device,
-                   rows: Sequence[int] | None = None, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Start and end logits [N, L] (float32) for `rows` of `features` (default: all)."""
+                   rows: Sequence[int] | None = None, desc: str | None = None,
+                   after_batch: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end logits [N, L] (float32) for `rows` of `features` (default: all).
+    `after_batch` is called after every batch (a long evaluation's stop check)."""
     rows = list(range(len(features))) if rows is None else list(rows)
     was_training = model.training
     model.eval()
@@ -47,6 +49,8 @@ def predict_logits(model: torch.nn.Module, features, batch_size: int, device: to
             starts.append(out.start_logits.float().cpu().numpy())
             ends.append(out.end_logits.float().cpu().numpy())
             bar.update(1)
+            if after_batch is not None:
+                after_batch()
     model.train(was_training)
     if not starts:
         width = len(features[0]["input_ids"]) if len(features) else 0

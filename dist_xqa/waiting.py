@@ -8,17 +8,32 @@ has moved for `stall_timeout_s` (the config's `run.stall_timeout_s`), or at once
 one says its role failed. The message names the role, its last step and its log file.
 Healthy progress has no wall-clock limit.
 
+What counts as moving depends on what the watched role does while it waits itself. A role
+that waits rewrites an unchanged beat every second (an idle beat). Where the waiter waits
+for work the watched role owes (the student for a producer part's shard), an idle beat is
+no progress: the beat must change (a new step, state or detail), or a part that believes
+it has nothing to do, or a dead part behind a live one, would be waited for forever
+(`count_idle=False`). Where the watched role's own wait is itself watched (a producer
+watching its student, which watches its producers; the run's waits for a model), a
+rewritten beat is a sign of life and counts: that role stops with an error when what it
+waits for stalls, so the chain cannot wait forever, and a long healthy wait (a student
+waiting for a precompute) does not read as a stall.
+
 Heartbeats are written from the work loop itself, never from a background thread: a
 process that died or hangs in a collective stops beating, which is what a waiter must see.
 Movement is judged on the waiter's own monotonic clock (any change of the file's beat),
 so clocks of different hosts need not agree for it. Exit markers (a `failed`, `finished` or
 `stopped` beat) count only when written after the wait began, by the wall clock: a marker
 left by an earlier run in the same run directory is not news (hosts' clocks are assumed
-NTP-synchronised; a marker missed through skew is still caught by the stall rule).
+NTP-synchronised; a marker missed through skew is still caught by the stall rule). A
+`finished` beat counts whenever it was written: a role that finished before the waiter
+started (a producer started after its student finished, on a cache-mode rerun) stays
+finished; a rerun that redoes the role removes its heartbeats (dist_xqa/stages.py).
 
 Stopping: `install_stop_signal()` makes SIGUSR1 (Slurm's warning before the time limit)
-a request to stop; every wait here then raises `Preempted`, and GroupLoop checkpoints and
-raises it (its heartbeat says `stopped`), so that a requeued job resumes.
+and SIGTERM (preemption; Slurm's KillWait before SIGKILL) a request to stop; every wait
+here then raises `Preempted`, and GroupLoop checkpoints and raises it (its heartbeat says
+`stopped`), so that a requeued job resumes.
 
 Where the files are: a training group's ranks write `<run>/heartbeats/<role>.<group
 rank>.json` (`role_heartbeat`); producers write theirs in the logit store
@@ -26,6 +41,7 @@ rank>.json` (`role_heartbeat`); producers write theirs in the logit store
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -57,9 +73,14 @@ class Preempted(Exception):
 _stop = threading.Event()
 
 
-def install_stop_signal(signum: int = signal.SIGUSR1) -> None:
-    """From now on `signum` asks this process to stop at its next safe point (main thread only)."""
-    signal.signal(signum, lambda *_: _stop.set())
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+def install_stop_signal(signums: Sequence[int] = STOP_SIGNALS) -> None:
+    """From now on each of `signums` asks this process to stop at its next safe point
+    (main thread only)."""
+    for signum in signums:
+        signal.signal(signum, lambda *_: _stop.set())
 
 
 def stop_requested() -> bool:
@@ -155,14 +176,15 @@ class Heartbeat:
 
 class StallWatch:
     """Watches the heartbeat files `paths()` (re-listed at every check) of the roles a
-    rank waits for. `check()` raises Stalled when no file has changed for
-    `stall_timeout_s` since the watch began or since the last change, or when a beat
-    written after the watch began says `failed`. `expected` names roles that should be
-    beating: a role with no file is reported as such. `error` is the Stalled subclass
-    raised."""
+    rank waits for. `check()` raises Stalled when no beat has moved for
+    `stall_timeout_s` since the watch began or since the last move, or when a beat
+    written after the watch began says `failed`. A beat moves when it is rewritten, or,
+    with `count_idle=False`, only when its step, state, detail or process changes (see
+    the module doc). `expected` names roles that should be beating: a role with no file
+    is reported as such. `error` is the Stalled subclass raised."""
 
     def __init__(self, paths: Callable[[], Iterable[Path]], stall_timeout_s: float, waiting_for: str,
-                 expected: Sequence[str] = (), error: type[Stalled] = Stalled):
+                 expected: Sequence[str] = (), error: type[Stalled] = Stalled, count_idle: bool = True):
         if stall_timeout_s <= 0:
             raise ValueError(f"stall timeout must be positive, got {stall_timeout_s}")
         self.paths = paths
@@ -170,6 +192,7 @@ class StallWatch:
         self.waiting_for = waiting_for
         self.expected = list(expected)
         self.error = error
+        self.count_idle = count_idle
         self._began_wall = time.time()
         self._moved = time.monotonic()
         self._seen: dict[Path, tuple] = {}
@@ -192,7 +215,9 @@ class StallWatch:
         now = time.monotonic()
         beats = self.beats()
         for path, beat in beats.items():
-            key = (beat.time, beat.step, beat.state, beat.pid)
+            key = (beat.step, beat.state, beat.pid, json.dumps(beat.detail, sort_keys=True, default=str))
+            if self.count_idle:
+                key += (beat.time,)
             if self._seen.get(path) != key:
                 self._seen[path] = key
                 self._moved = now
@@ -200,14 +225,19 @@ class StallWatch:
             if beat.state == FAILED and beat.time >= self._began_wall:
                 raise self.error(f"{self.waiting_for}{missing}: {beat.role} failed: {self._describe(beats)}")
         if now - self._moved > self.stall_timeout_s:
+            idle = "" if self.count_idle else ", an idle beat rewritten unchanged being no progress"
             raise self.error(f"{self.waiting_for}{missing}: no heartbeat has moved for {now - self._moved:.1f} s "
-                             f"(run.stall_timeout_s = {self.stall_timeout_s:g}); last heartbeats: {self._describe(beats)}")
+                             f"(run.stall_timeout_s = {self.stall_timeout_s:g}{idle}); "
+                             f"last heartbeats: {self._describe(beats)}")
         return beats
 
     def finished(self, beats: dict[Path, Beat]) -> bool:
-        """Whether one of `beats` (from check()) says, since the watch began, that its
-        role has finished (or stopped, to be resumed by a requeued job)."""
-        return any(beat.state in (FINISHED, STOPPED) and beat.time >= self._began_wall for beat in beats.values())
+        """Whether one of `beats` (from check()) says that its role has finished (even
+        before the watch began: see the module doc), or since the watch began that it
+        stopped, to be resumed by a requeued job (an earlier job's `stopped` is the
+        point this job resumes from, not news)."""
+        return any(beat.state == FINISHED or (beat.state == STOPPED and beat.time >= self._began_wall)
+                   for beat in beats.values())
 
     def _describe(self, beats: dict[Path, Beat]) -> str:
         now = time.time()

@@ -17,7 +17,7 @@ import pytest
 
 from dist_xqa.logits import Producer, ShardPlan, StoreReader
 from dist_xqa.logits.progress import StudentProgress, heartbeat_path, write_progress
-from dist_xqa.waiting import (FAILED, FINISHED, Heartbeat, Preempted, StallWatch, Stalled,
+from dist_xqa.waiting import (FAILED, FINISHED, STOPPED, WAITING, Heartbeat, Preempted, StallWatch, Stalled,
                               install_stop_signal, read_beat, role_heartbeat, wait_for_run_files)
 from test_logit_store import make_manifest, toy_logits
 
@@ -285,3 +285,151 @@ def test_a_stale_progress_file_never_finishes_a_producer(tmp_path):
         stop(producer)
     result = outcome_of(outcome)
     assert result == {"ok": True, "written": len(plan)}, result
+
+
+# --- what counts as progress -------------------------------------------------------------
+
+
+def test_an_idle_beat_is_no_progress_where_progress_is_owed(tmp_path):
+    """A role that rewrites an unchanged beat (it waits itself) is alive: a watch that
+    counts idle beats waits on; one that needs progress stalls; a new step, state or
+    detail is progress for both."""
+    beat = tmp_path / "heartbeat.json"
+    heartbeat = Heartbeat(beat, "producer en", interval_s=0.0)
+    heartbeat.beat(4, WAITING, position=4)
+    alive = StallWatch(lambda: [beat], 0.5, "waiting")
+    owed = StallWatch(lambda: [beat], 0.5, "student waiting for shard 3", count_idle=False)
+    for watch in (alive, owed):
+        watch.check()
+    end = time.monotonic() + 0.8
+    while time.monotonic() < end:  # idle beats, rewritten unchanged
+        heartbeat.beat(4, WAITING, position=4)
+        alive.check()
+        time.sleep(0.05)
+    with pytest.raises(Stalled, match=r"student waiting for shard 3: no heartbeat has moved for .*"
+                                      r"an idle beat rewritten unchanged being no progress.*producer en: waiting at step 4"):
+        owed.check()
+    owed = StallWatch(lambda: [beat], 0.5, "student waiting for shard 3", count_idle=False)
+    for step in range(5, 12):  # a moving step keeps the wait alive past the stall timeout
+        heartbeat.beat(step, "computing", position=step)
+        owed.check()
+        time.sleep(0.1)
+
+
+def test_a_finished_beat_written_before_the_wait_began_still_finishes_it(tmp_path):
+    """A producer started after its student finished (a cache-mode rerun) stops at once
+    instead of waiting the stall timeout and failing a finished job; a `stopped` beat left
+    by the preempted job is the point a requeued student resumes from, not a finish."""
+    student_beat, store = tmp_path / "student.0.json", tmp_path / "store"
+    plan = make_plan()
+
+    def producer() -> Producer:
+        return Producer(store, "en", plan, lambda ids: toy_logits(0, ids), lookahead=2, epochs=1, poll=0.02,
+                        manifest=make_manifest(plan, teachers=("en",)), stall_timeout_s=30.0,
+                        student_beats=lambda: [student_beat])
+
+    Heartbeat(student_beat, "student").beat(12, STOPPED)
+    time.sleep(0.05)
+    stopped = producer()
+    while stopped.step():  # the window
+        pass
+    assert not stopped.wait_for_student(), "an earlier job's stop does not end this job's producer"
+    Heartbeat(student_beat, "student").beat(12, FINISHED)
+    time.sleep(0.05)
+    began = time.monotonic()
+    assert producer().run() == 0, "the window of the finished job is on disk already"
+    assert time.monotonic() - began < 10
+
+
+def owing_reader_main(store: str, student_beat: str, position: int, stall_s: float, writer: bool,
+                      outcome: str) -> None:
+    """A student rank reading epoch 0 up to `position` (its heartbeat beats while it waits);
+    writes what happened."""
+    began = time.monotonic()
+    try:
+        plan = make_plan()
+        reader = StoreReader(store, ["en"], plan, make_manifest(plan, teachers=("en",)), stall_s, "window",
+                             lookahead=2, writer=writer, heartbeat=Heartbeat(student_beat, "student"))
+        for p in range(position + 1):
+            reader.get(0, p)
+        result = {"ok": True}
+    except Exception as e:
+        result = {"ok": False, "error": type(e).__name__, "message": str(e)}
+    result["waited"] = time.monotonic() - began
+    Path(outcome).write_text(json.dumps(result))
+
+
+def test_a_student_stalls_on_a_producer_that_only_beats_idle(tmp_path):
+    """The student waits for a shard its producer believes it need not write (a
+    non-writing student rank: nobody moves the progress file past the first window). The
+    producer is alive and rewrites its idle beat every second, which is no progress: the
+    student stops after the stall timeout, naming the producer's idle state."""
+    store, student_beat, outcome = tmp_path / "store", tmp_path / "student.1.json", tmp_path / "out.json"
+    producer = start(producer_main, store, student_beat, 60.0, tmp_path / "producer.json")
+    reader = None
+    try:
+        Heartbeat(student_beat, "student").beat(0)  # the student is up before its producer watches it
+        wait_for_step(heartbeat_path(store, "en"), 2, producer)  # the first window [0, 2) is written
+        reader = start(owing_reader_main, store, student_beat, 3, STALL_S, False, outcome)
+        reader.join(60)
+        assert reader.exitcode == 0
+        assert producer.is_alive(), "the producer was alive and beating all along"
+    finally:
+        stop(producer, *([reader] if reader else []))
+    result = outcome_of(outcome)
+    assert result["ok"] is False and result["error"] == "StoreTimeout", result
+    assert STALL_S < result["waited"] < STALL_S + 20
+    assert "an idle beat rewritten unchanged being no progress" in result["message"]
+    assert "producer en: waiting at step 2" in result["message"]
+
+
+def part_main(store: str, part: int, student_beat: str, compute_s: float, outcome: str) -> None:
+    """Part `part` of 2 of teacher en's producer; each shard takes `compute_s`."""
+    def compute(ids: list[int]):
+        time.sleep(compute_s)
+        return toy_logits(0, ids)
+
+    try:
+        plan = make_plan()
+        Producer(store, "en", plan, compute, lookahead=2, epochs=1, poll=0.02,
+                 manifest=make_manifest(plan, teachers=("en",)), stall_timeout_s=60.0,
+                 student_beats=lambda: [Path(student_beat)], part=(part, 2)).run()
+        result = {"ok": True}
+    except Exception as e:
+        result = {"ok": False, "error": type(e).__name__, "message": str(e)}
+    Path(outcome).write_text(json.dumps(result))
+
+
+@pytest.mark.parametrize("how", ["kill", "hang"])
+def test_a_dead_part_of_a_teacher_stops_the_student_while_the_other_part_beats(tmp_path, how):
+    """Teacher en is produced by two parts (odd and even run-wide shards). Part 1 is
+    killed (or stops for good) after its first shard; part 0 lives on, beating. The
+    student stops once it waits for a shard of part 1, naming part 1 alone."""
+    store, student_beat, outcome = tmp_path / "store", tmp_path / "student.0.json", tmp_path / "out.json"
+    stall_s = 3.0
+    Heartbeat(student_beat, "student").beat(0)
+    parts = [start(part_main, store, 0, student_beat, 0.1, tmp_path / "part0.json"),
+             start(part_main, store, 1, student_beat, 0.1 if how == "kill" else 600.0, tmp_path / "part1.json")]
+    reader = None
+    try:
+        for part in (0, 1):
+            wait_for_step(heartbeat_path(store, "en", (part, 2)), part, parts[part])
+        if how == "kill":
+            part1 = heartbeat_path(store, "en", (1, 2))
+            while (beat := read_beat(part1)) is None or beat.detail.get("shards_written", 0) < 1:
+                assert parts[1].is_alive()
+                time.sleep(0.01)
+            os.kill(parts[1].pid, signal.SIGKILL)
+        reader = start(owing_reader_main, store, student_beat, 5, stall_s, True, outcome)
+        reader.join(120)
+        assert reader.exitcode == 0
+        assert parts[0].is_alive(), "part 0 beat all along"
+    finally:
+        stop(*parts, *([reader] if reader else []))
+    result = outcome_of(outcome)
+    assert result["ok"] is False and result["error"] == "StoreTimeout", result
+    assert result["waited"] < stall_s + 60
+    message = result["message"]
+    assert "from teacher(s) en: no heartbeat has moved" in message
+    assert "producer en part 1 of 2: " in message and "producer en part 0 of 2" not in message
+    assert f"pid {parts[1].pid}" in message

@@ -5,11 +5,14 @@
   checkpoint resumes from (nothing before it is read again).
 - `<store>/<teacher>/heartbeat.json` (`heartbeat.<i>of<n>.json` for part i of a teacher
   produced by n ranks), each producer's heartbeat (dist_xqa/waiting.py): the student waits
-  for a shard as long as the heartbeat of a producer it lacks keeps moving.
+  for a shard as long as the heartbeat of the part that owes it makes progress (a new step:
+  a part's idle beat, or another part's beat, is none).
 """
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from dist_xqa.waiting import Stalled
 
 PROGRESS_NAME = "progress.json"
 HEARTBEAT_NAME = "heartbeat.json"
+_PART_NAME = re.compile(r"heartbeat\.(\d+)of(\d+)\.json")
 
 
 class StoreTimeout(Stalled):
@@ -67,3 +71,18 @@ def heartbeat_path(store_dir: str | Path, teacher: str, part: tuple[int, int] = 
 def producer_heartbeats(store_dir: str | Path, teacher: str) -> list[Path]:
     """The heartbeat files of every producer (part) of `teacher`."""
     return sorted((Path(store_dir) / teacher).glob("heartbeat*.json"))
+
+
+def owner_heartbeats(store_dir: str | Path, teacher: str, indices: Iterable[int]) -> list[Path]:
+    """The heartbeat files of the parts of `teacher` that write the shards at run-wide
+    `indices` (part i of n writes the indices equal to i modulo n), as they are on disk.
+    The number of parts is read from the files' names, since the reader does not know it;
+    files of two layouts (a rerun on another number of ranks) are all watched, as the
+    stale one never moves."""
+    wanted = set(indices)
+    owners = []
+    for path in producer_heartbeats(store_dir, teacher):
+        part = _PART_NAME.fullmatch(path.name)
+        if part is None or any(index % int(part[2]) == int(part[1]) for index in wanted):
+            owners.append(path)
+    return owners

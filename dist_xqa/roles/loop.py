@@ -40,6 +40,16 @@ TAG = re.compile(r"step(\d+)")  # DeepSpeed checkpoint tags: step<global step>
 STOP_CHECK_EVERY = 10
 
 
+class _EvaluationStopped(Exception):
+    """Raised inside a group's end-of-epoch evaluation once the group agreed to stop."""
+
+
+# The loop whose end-of-epoch evaluation runs now on this rank (GroupLoop._evaluate): its
+# group_predict calls check for a stop between batches. Module state, because the roles'
+# end_of_epoch callbacks reach group_predict through model selection, which knows no loop.
+_evaluating: GroupLoop | None = None
+
+
 @dataclass
 class LoopState:
     epoch: int = 0  # the epoch in progress
@@ -56,7 +66,10 @@ class GroupLoop:
     after each epoch. `heartbeat` is beaten on every step, marked finished at the end and
     failed when the loop raises. When a rank of the group has been asked to stop
     (heartbeat.install_stop_signal), the group checkpoints at its next step that is a
-    multiple of STOP_CHECK_EVERY and raises Preempted."""
+    multiple of STOP_CHECK_EVERY and raises Preempted. A stop during the end-of-epoch dev
+    evaluation (minutes at full scale, longer than a signal's lead time) is agreed between
+    its batches (group_predict): the group checkpoints the finished epoch's steps and the
+    resumed group evaluates that epoch again."""
 
     def __init__(self, engine, group: TrainingGroup, ckpt_dir: Path, checkpoint: CheckpointConfig, desc: str,
                  show_progress: bool, heartbeat: Heartbeat | None = None):
@@ -68,6 +81,7 @@ class GroupLoop:
         self.show_progress = show_progress
         self.heartbeat = heartbeat
         self.on_checkpoint: Callable[[LoopState], None] | None = None
+        self._eval_batches, self._eval_state = 0, LoopState()  # the end-of-epoch evaluation in progress
 
     def resume(self) -> LoopState:
         if not (self.ckpt_dir / "latest").exists():
@@ -166,12 +180,36 @@ class GroupLoop:
                 if state.global_step % self.checkpoint.every == 0 and state.step_in_epoch < n:
                     self.save(state)
             bar.close()
-            self._beat(state, "evaluating")
-            end_of_epoch(state.epoch, state)
+            self._evaluate(end_of_epoch, state)
             state.epoch += 1
             state.step_in_epoch = 0
             self.save(state)
         return state
+
+    def _evaluate(self, end_of_epoch: Callable[[int, LoopState], None], state: LoopState) -> None:
+        global _evaluating
+        self._beat(state, "evaluating")
+        _evaluating, self._eval_batches, self._eval_state = self, 0, state
+        try:
+            end_of_epoch(state.epoch, state)
+        except _EvaluationStopped:
+            # The state is the one before the evaluation (model selection updates it only
+            # after scoring): resumed, the loop finds the epoch's steps done and evaluates.
+            self.save(state)
+            raise Preempted(f"{self.desc}: stopped by a signal during the evaluation of epoch {state.epoch + 1} "
+                            f"(global step {state.global_step}), checkpointed in {self.ckpt_dir}") from None
+        finally:
+            _evaluating = None
+
+    def _between_batches(self) -> None:
+        """After each batch of the end-of-epoch evaluation: beats (the evaluation is
+        progress to whoever waits for this role) and stops when the group agrees to."""
+        self._eval_batches += 1
+        if self.heartbeat is not None:
+            self.heartbeat.beat(self._eval_state.global_step, "evaluating", epoch=self._eval_state.epoch,
+                                step_in_epoch=self._eval_state.step_in_epoch, batches=self._eval_batches)
+        if self._stop_agreed():
+            raise _EvaluationStopped()
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -206,13 +244,16 @@ def group_predict(module: torch.nn.Module, features, batch_size: int, device: to
                   group: TrainingGroup) -> tuple[np.ndarray, np.ndarray]:
     """Start/end logits for every feature, computed by the whole group (each rank a slice)
     and gathered on every rank. Every rank runs the same number of forward passes, as
-    ZeRO-3 gathers parameters collectively inside each forward."""
+    ZeRO-3 gathers parameters collectively inside each forward, so inside a GroupLoop's
+    end-of-epoch evaluation the group can agree on a stop between batches."""
+    loop = _evaluating if _evaluating is not None and _evaluating.group == group else None
     size = group.size
     rows = list(range(len(features)))
     per = math.ceil(len(rows) / size) if rows else 0
     mine = rank_slice(rows, group)
     padded = mine + [rows[0]] * (per - len(mine)) if rows else []
-    start, end = predict_logits(module, features, batch_size, device, padded)
+    start, end = predict_logits(module, features, batch_size, device, padded,
+                                after_batch=loop._between_batches if loop is not None else None)
     parts: list = [None] * size
     dist.all_gather_object(parts, (start[:len(mine)], end[:len(mine)]), group=group.process_group)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

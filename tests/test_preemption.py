@@ -1,0 +1,62 @@
+"""Preemption (SIGTERM) and Slurm's warning (SIGUSR1) reach a training group at any point,
+also during its end-of-epoch dev evaluation, which at full scale outlasts a signal's lead
+time: the group agrees on the stop between evaluation batches, checkpoints the epoch's
+finished steps and exits 0; the same command then evaluates that epoch again and goes on.
+A real two-rank gloo world under torchrun (tests/loop_worker.py) and a real signal."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_group_engines import ROOT, run_world, tags_on_disk
+
+EVAL_ROWS = 200  # 25 batches of 4 per rank
+STEPS = 3
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_dev_evaluation_checkpoints_and_the_rerun_evaluates_again(tmp_path):
+    loop_worker = ROOT / "tests" / "loop_worker.py"
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    args = ["--epochs", "2", "--steps", str(STEPS), "--every", "1000", "--eval-rows", str(EVAL_ROWS)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(loop_worker),
+               "--out", str(tmp_path), *args, "--eval-sleep", "0.2"]
+    job = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    beat = tmp_path / "heartbeats" / "student.1.json"
+    try:
+        # The first epoch's evaluation is under way: its heartbeat counts batches.
+        deadline = time.monotonic() + 300
+        while not beat.exists() or json.loads(beat.read_text()).get("detail", {}).get("batches", 0) < 2:
+            assert job.poll() is None and time.monotonic() < deadline, job.stdout.read()[-4000:]
+            time.sleep(0.05)
+        os.kill(json.loads(beat.read_text())["pid"], signal.SIGTERM)
+        output = job.communicate(timeout=300)[0]
+    finally:
+        job.kill()
+    assert job.returncode == 0, output[-4000:]
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for record in records:
+        assert record["preempted"].startswith("student: stopped by a signal during the evaluation of epoch 1 "
+                                              f"(global step {STEPS})"), record
+        assert record["evaluations"] == [], "the evaluation was cut short"
+        assert 2 <= record["eval_batches"] < EVAL_ROWS // 2 // 4, "it stopped between batches, not at the end"
+        assert record["saves"][-1][0] == STEPS
+    assert records[0]["eval_batches"] == records[1]["eval_batches"], "the group agreed on one batch"
+    assert tags_on_disk(tmp_path / "ckpt") == [f"step{STEPS}"]
+    assert json.loads(beat.read_text())["state"] == "stopped"
+
+    # The requeued job resumes after the epoch's steps: it evaluates epoch 1 again, whole.
+    run_world(2, tmp_path, *args, worker=loop_worker, timeout=600)
+    resumed = json.loads((tmp_path / "rank0.json").read_text())
+    assert resumed["resumed_from"] == f"step{STEPS}"
+    assert resumed["evaluations"] == [[0, EVAL_ROWS], [1, EVAL_ROWS]]
+    assert resumed["final"]["epoch"] == 2 and resumed["final"]["global_step"] == 2 * STEPS
