@@ -69,7 +69,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.runs import (RESULTS_MD, ROOT, Launch, Progress, collect, load_records, run_queue,  # noqa: E402
-                             trainer_command, write_atomic, write_section)
+                             scalar_values, trainer_command, write_atomic, write_section)
 from dist_xqa.config import load_config  # noqa: E402
 from dist_xqa.disk import directory_bytes  # noqa: E402
 from dist_xqa.layout import STUDENT, RunLayout  # noqa: E402
@@ -168,18 +168,6 @@ def first_scalar_time(tb_dir: Path) -> float | None:
         accumulator.Reload()
         times += [e.wall_time for tag in accumulator.Tags()["scalars"] for e in accumulator.Scalars(tag)]
     return min(times, default=None)
-
-
-def scalar_values(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = []
-    for events in sorted(tb_dir.glob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        if tag in accumulator.Tags()["scalars"]:
-            values += [(e.step, e.value) for e in accumulator.Scalars(tag)]
-    return values
 
 
 def measure(run_dir: Path, started: float, ended: float, peak_logit_bytes: int, loads: list[float],

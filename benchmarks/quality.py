@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks import orderings  # noqa: E402
 from benchmarks.runs import (RESULTS_MD, ROOT, Launch, Progress, collect, load_records, record_path,  # noqa: E402
-                             run_queue, trainer_command, write_atomic, write_section)
+                             run_queue, teacher_weights, trainer_command, write_atomic, write_section)
 from dist_xqa.config import ConfigError, RunConfig, load_config  # noqa: E402
 from dist_xqa.jobs import job_dir, phase1_jobs  # noqa: E402
 from dist_xqa.layout import RunLayout  # noqa: E402
@@ -197,7 +197,7 @@ def aggregate(records: dict[tuple[str, int], dict], order: list[str]) -> dict:
             stats[model] = per_set
         group = ROWS[name].group if name in ROWS else first["group"]  # the row's group as the code defines it now
         rows[name] = {"label": first["label"], "group": group, "overrides": first["overrides"],
-                      "seeds": {str(seed): {k: rec.get(k) for k in ("wall_s", "code", "models", "reused")}
+                      "seeds": {str(seed): {k: rec.get(k) for k in ("wall_s", "code", "models", "reused", "teacher_weights")}
                                 for seed, rec in seeds.items()},
                       "mean_std": stats}
     return {"rows": rows}
@@ -383,8 +383,10 @@ def main(argv=None) -> int:
         if scores is None:
             return None
         row, run_dir = ROWS[name], launch.run_dir
+        # imp's weights per teacher, read here so that a claim about them cites a record
+        weights = {"teacher_weights": w} if (w := teacher_weights(run_dir)) else {}
         return {"row": name, "seed": seed, "label": row.label, "group": row.group, "overrides": overrides,
-                "wall_s": round(wall, 1), "reused": reused[key],
+                "wall_s": round(wall, 1), "reused": reused[key], **weights,
                 "run_dir": str(run_dir.relative_to(work)) if run_dir.is_relative_to(work) else str(run_dir), **scores}
 
     def done_line(key: tuple[str, int], rec: dict) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from dist_xqa.layout import RunLayout  # noqa: E402
+from dist_xqa.layout import STUDENT, RunLayout  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
@@ -66,6 +66,34 @@ def collect(run_dir: Path, test_sets: list[str]) -> dict | None:
         if alone:
             models[f"{name}_p_T_alone"] = {"selection": entry.get("selection"), "test_sets": alone}
     return {"models": dict(sorted(models.items()))}
+
+
+def scalars_under(tb_dir: Path, prefix: str) -> dict[str, list[tuple[int, float]]]:
+    """Every TensorBoard scalar under `tb_dir` whose tag starts with `prefix`: tag ->
+    [(step, value)] in step order (a resumed run writes an event file of its own)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(tb_dir.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            if tag.startswith(prefix):
+                found.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return {tag: sorted(values) for tag, values in found.items()}
+
+
+def scalar_values(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
+    return scalars_under(tb_dir, tag).get(tag, [])
+
+
+def teacher_weights(run_dir: Path) -> dict[str, float] | None:
+    """The LBMRC student's mean weight of each teacher over its logged steps
+    (student/teacher_weight/<teacher>, logged by imp), or None without them."""
+    prefix = "student/teacher_weight/"
+    logged = scalars_under(RunLayout(run_dir).tb(STUDENT), prefix)
+    return {tag.removeprefix(prefix): round(statistics.fmean(v for _, v in values), 4)
+            for tag, values in sorted(logged.items())} or None
 
 
 def code_version() -> str:

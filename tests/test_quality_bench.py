@@ -203,3 +203,21 @@ def test_every_row_is_a_config_the_trainer_accepts_and_reuse_sources_run_first()
     assert quality.select_rows("core,zero_shot") == [n for n in names if n in quality.ROW_SETS["core"]]
     with pytest.raises(SystemExit, match="unknown row"):
         quality.select_rows("lbmrc_imp,nonsense")
+
+
+def test_the_record_of_a_run_holds_the_mean_teacher_weights_its_student_logged(tmp_path):
+    """imp's weight of each teacher, averaged over the student's logged steps (every event
+    file: a resumed run writes its own), for the claims that cite them."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from benchmarks.runs import teacher_weights
+
+    assert teacher_weights(tmp_path) is None  # no TensorBoard log: a run without imp
+    for run, steps in (("first", range(0, 2)), ("resumed", range(2, 4))):
+        writer = SummaryWriter(str(tmp_path / "tb" / "student"), filename_suffix=run)
+        for step in steps:
+            writer.add_scalar("student/teacher_weight/en", 0.1 * (step + 1), step)
+            writer.add_scalar("student/teacher_weight/de", 0.5, step)
+            writer.add_scalar("student/kd", 9.0, step)
+        writer.close()
+    assert teacher_weights(tmp_path) == {"de": 0.5, "en": pytest.approx(0.25)}
