@@ -171,6 +171,11 @@ class DistillConfig:
     # A control (lbmrc): each shard's teacher logit rows are moved to other rows of the
     # shard (seeded), so the student gets logits of the same scale but no information.
     placebo_shuffle: bool = False
+    # Where the logit store is (lbmrc): null, <run_dir>/logits; a directory shared by the
+    # runs of a sweep (on a file system every node sees), read and filled by every student
+    # whose teachers, features, tokenizer, dtype and top-k match (dist_xqa.logits.manifest).
+    # Needs store_mode cache: no student deletes what another reads.
+    store_dir: str | None = None
 
 
 @dataclass
@@ -292,6 +297,9 @@ class RunSettings:
     # host; none on CPU, where the read-ahead thread does it and workers would take cores
     # from the ranks) or a number (0: in the read-ahead thread). The same batches either way.
     loader_workers: int | str = "auto"
+    # Processes that tokenise in the data preparation (dist_xqa/prepare.py, `--stage
+    # prepare`): auto (every core this process may use) or a number. The same features either way.
+    num_proc: int | str = "auto"
 
 
 @dataclass
@@ -625,6 +633,11 @@ def validate(cfg: RunConfig) -> None:
          f"phase1_from borrows LBMRC's teachers or SKD's phase-1 model; strategy '{s.name}' has none to borrow")
     need(cfg.phase1_from is None or Path(cfg.phase1_from).resolve() != cfg.run_path.resolve(),
          f"phase1_from names this run's own directory ({cfg.phase1_from}); leave it null to train the models here")
+    need(k.store_dir is None or s.name == "lbmrc",
+         f"distill.store_dir shares LBMRC's teacher logits between runs; strategy '{s.name}' keeps its store in the run")
+    need(k.store_dir is None or k.store_mode == "cache",
+         f"distill.store_dir {k.store_dir} is shared: it needs distill.store_mode cache (window mode deletes shards "
+         "another student may still read)")
     need(k.lookahead_shards >= 1, "distill.lookahead_shards must be at least 1")
     need(k.store_mode in ("window", "cache"), f"distill.store_mode must be window or cache, got '{k.store_mode}'")
     need(k.logits_dtype in ("float16", "bfloat16"), "distill.logits_dtype must be float16 or bfloat16")
@@ -655,6 +668,8 @@ def validate(cfg: RunConfig) -> None:
     workers = cfg.run.loader_workers
     need(workers == "auto" or (isinstance(workers, int) and workers >= 0),
          f"run.loader_workers must be auto or a number of processes >= 0, got {workers!r}")
+    need(cfg.run.num_proc == "auto" or (isinstance(cfg.run.num_proc, int) and cfg.run.num_proc >= 1),
+         f"run.num_proc must be auto or a number of processes >= 1, got {cfg.run.num_proc!r}")
     need(cfg.monitor.every >= 1, f"monitor.every must be at least 1 (optimizer steps), got {cfg.monitor.every}")
     p = cfg.plan
     need(p.student_min_ranks >= 1, f"plan.student_min_ranks must be at least 1, got {p.student_min_ranks}")

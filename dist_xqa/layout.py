@@ -9,7 +9,8 @@
     <run>/models/<name>/                   the other strategies' phase-1 and baseline models
     <run>/student/                         the distilled student
     <run>/checkpoints/<role>/              each training group's DeepSpeed checkpoints
-    <run>/logits/                          the logit store (its own layout: dist_xqa.logits)
+    <run>/logits/                          the logit store (its own layout: dist_xqa.logits); with
+                                           distill.store_dir, only the run's progress and heartbeats
     <run>/skd/teacher_gen<e>/              self-distillation's frozen teacher of generation e
     <run>/eval/<model>.json, summary.json, table.txt   the results
     <run>/stages/<stage>.json              what each stage was made with (dist_xqa.stages)
@@ -105,6 +106,18 @@ class RunLayout:
     def store(self) -> Path:
         """The logit store's default place (distill.store_dir may put it elsewhere)."""
         return self.root / "logits"
+
+    def logit_store(self, store_dir: str | None) -> Path:
+        """Where the run's logits are: `store_dir` (distill.store_dir, shared between
+        runs), or the default place in the run."""
+        return Path(store_dir) if store_dir else self.store
+
+    @property
+    def stream(self) -> Path:
+        """The run's own pacing files of its store (the student's progress, its producers'
+        heartbeats: dist_xqa.logits.progress), wherever the logits are: the default
+        store's place, so that runs sharing a store do not pace each other."""
+        return self.store
 
     @property
     def skd(self) -> Path:

@@ -24,9 +24,9 @@ def teacher_logits(feature_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def stored_shards(store, placebo_seed: int | None) -> dict[int, tuple[list[int], torch.Tensor, torch.Tensor]]:
     plan = ShardPlan(FEATURES, shard_size=5, seed=3)
-    manifest = Manifest.for_plan(plan, tokenizer="toy", teachers={"en": "ckpt-en"}, dtype="float16")
-    producer = Producer(store, "en", plan, teacher_logits, lookahead=len(plan), epochs=1, manifest=manifest,
-                        placebo_seed=placebo_seed)
+    manifest = Manifest.for_plan(plan, tokenizer="toy", teachers={"en": "ckpt-en"}, dtype="float16",
+                                 placebo=placebo_seed)
+    producer = Producer(store, "en", plan, teacher_logits, lookahead=len(plan), epochs=1, manifest=manifest)
     while producer.step():
         pass
     out = {}

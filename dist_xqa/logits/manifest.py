@@ -1,10 +1,17 @@
 """What a logit store was computed from, so that nobody uses logits of another run.
 
-`manifest.json` in the store root records the distillation set (a hash of its feature ids
-in order), the tokenizer fingerprint, every teacher's checkpoint hash, the shard plan's
-parameters, the logit dtype, the top-k of a compressed store (null: dense) and, for
-self-distillation, the teacher generation. Producers
-create or verify it before writing a shard; the student verifies it before using one.
+`manifest.json` in the store root records what the logits depend on, its key: the
+distillation set (a hash of its feature ids, as a set), the tokenizer fingerprint, every
+teacher's checkpoint hash, the logit dtype, the top-k of a compressed store (null: dense),
+for self-distillation the teacher generation, and for the placebo control its seed. Never
+the student: its seed, batch, world size and shard plan are not part of the key, so a store
+serves every student of a sweep ("One teacher pass, many students", DESIGN.md section 2).
+
+The manifest also fixes the store's layout: the shard plan (shard_size, seed) its files
+are cut by, that of the first student that created it. A student with another plan
+adopts the store's layout (prepare_store returns the store's manifest) and reads its
+rows by feature id from the layout's shards (reader.py). Producers create or verify the
+manifest before writing a shard; the student verifies it before using one.
 """
 from __future__ import annotations
 
@@ -38,8 +45,8 @@ class StoreMismatchError(RuntimeError):
 
 
 def hash_features(feature_ids: Sequence[int]) -> str:
-    """SHA-256 of the distillation set's feature ids, in order."""
-    return hashlib.sha256(",".join(str(int(i)) for i in feature_ids).encode()).hexdigest()
+    """SHA-256 of the distillation set's feature ids, as a set (sorted)."""
+    return hashlib.sha256(",".join(str(i) for i in sorted(int(i) for i in feature_ids)).encode()).hexdigest()
 
 
 def hash_checkpoint(directory: str | Path) -> str:
@@ -64,11 +71,12 @@ class Manifest:
     features_hash: str
     tokenizer: str  # fingerprint of the tokenizer settings shared by teachers and student
     teachers: dict[str, str]  # teacher name -> checkpoint hash
-    shard_size: int
+    shard_size: int  # the layout: the shard plan the files are cut by (not part of the key)
     seed: int
     dtype: str = "float16"
     generation: int = 0  # teacher generation, for self-distillation
     topk: int | None = None  # logits kept per row (shards.py's top-k form); None: dense
+    placebo: int | None = None  # distill.placebo_shuffle's seed: rows moved within each shard; None: real rows
 
     def __post_init__(self) -> None:
         if self.dtype not in LOGIT_DTYPES:
@@ -86,24 +94,30 @@ class Manifest:
     @classmethod
     def for_plan(
         cls, plan: ShardPlan, tokenizer: str, teachers: dict[str, str], dtype: str = "float16", generation: int = 0,
-        topk: int | None = None,
+        topk: int | None = None, placebo: int | None = None,
     ) -> Manifest:
-        """The manifest of a store computed over `plan`."""
+        """The manifest of a store computed over `plan` (its layout, if it creates the store)."""
         return cls(hash_features(plan.feature_ids), tokenizer, dict(teachers), plan.shard_size, plan.seed, dtype,
-                   generation, topk)
+                   generation, topk, placebo)
+
+    def layout(self, plan: ShardPlan) -> ShardPlan:
+        """The store's shard plan over `plan`'s features: the plan its files are cut by."""
+        if (plan.shard_size, plan.seed) == (self.shard_size, self.seed):
+            return plan
+        return ShardPlan(plan.feature_ids, self.shard_size, self.seed)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return LOGIT_DTYPES[self.dtype]
 
     def check_plan(self, plan: ShardPlan) -> None:
-        """Raises StoreMismatchError unless this manifest describes `plan`."""
-        self.check_matches(Manifest.for_plan(plan, self.tokenizer, self.teachers, self.dtype, self.generation, self.topk),
-                           "the shard plan")
+        """Raises StoreMismatchError unless `plan` covers this manifest's features."""
+        self.check_matches(Manifest.for_plan(plan, self.tokenizer, self.teachers, self.dtype, self.generation, self.topk,
+                                             self.placebo), "the shard plan")
 
     def check_matches(self, other: Manifest, source: str = "the logit store") -> None:
-        """Raises StoreMismatchError naming every part in which `other` (found in `source`)
-        differs from this (expected) manifest."""
+        """Raises StoreMismatchError naming every part of the key in which `other` (found
+        in `source`) differs from this (expected) manifest; the layout may differ."""
         differences = []
         if other.features_hash != self.features_hash:
             differences.append(f"distillation set features (hash {other.features_hash[:12]} != expected {self.features_hash[:12]})")
@@ -118,7 +132,7 @@ class Manifest:
                 differences.append(
                     f"teacher {name!r} checkpoint (hash {other.teachers[name][:12]} != expected {self.teachers[name][:12]})"
                 )
-        for name in ("shard_size", "seed", "dtype", "generation", "topk"):
+        for name in ("dtype", "generation", "topk", "placebo"):
             if getattr(other, name) != getattr(self, name):
                 differences.append(f"{name} ({getattr(other, name)!r} != expected {getattr(self, name)!r})")
         if differences:
@@ -131,8 +145,8 @@ class Manifest:
     @classmethod
     def from_json(cls, data: object, source: str) -> Manifest:
         names = {f.name for f in fields(cls)}
-        if isinstance(data, dict) and "topk" not in data:
-            data = {**data, "topk": None}  # written before top-k stores existed: dense
+        if isinstance(data, dict):  # written before these keys existed: dense, real rows
+            data = {"topk": None, "placebo": None, **data}
         if not isinstance(data, dict) or set(data) != names:
             keys = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise StoreMismatchError(f"{source}: expected keys {sorted(names)}, found {keys}")
@@ -152,19 +166,20 @@ def read_manifest(store_dir: str | Path) -> Manifest | None:
     return None if data is None else Manifest.from_json(data, str(path))
 
 
-def prepare_store(store_dir: str | Path, manifest: Manifest, reset: bool = False) -> None:
-    """Makes `store_dir` a store for `manifest`: creates it with the manifest, accepts it
-    when its manifest matches, and otherwise raises StoreMismatchError or, with `reset`,
-    wipes it and starts afresh. A file lock serialises the producers starting together,
-    so exactly one of them wipes a stale store."""
+def prepare_store(store_dir: str | Path, manifest: Manifest, reset: bool = False) -> Manifest:
+    """Makes `store_dir` a store for `manifest` and returns the store's manifest: creates
+    it with `manifest`, accepts it when its key matches (returning the store's own, whose
+    layout may differ), and otherwise raises StoreMismatchError or, with `reset`, wipes it
+    and starts afresh. A file lock serialises the producers starting together (of one run
+    or of several sharing the store), so exactly one of them creates or wipes it."""
     store = Path(store_dir)
     store.mkdir(parents=True, exist_ok=True)
-    with _locked(store):
+    with locked(store):
         try:
             found = read_manifest(store)
             if found is not None:
                 manifest.check_matches(found, f"logit store {store}")
-                return
+                return found
             leftovers = sorted(p.name for p in store.iterdir() if p.name != _LOCK_NAME)
             if leftovers:
                 raise StoreMismatchError(f"logit store {store} holds {leftovers[:5]} but no {MANIFEST_NAME} "
@@ -174,11 +189,13 @@ def prepare_store(store_dir: str | Path, manifest: Manifest, reset: bool = False
                 raise StoreMismatchError(f"refusing to write into it: {e}") from None
             _wipe(store)
         write_json(store / MANIFEST_NAME, manifest.to_json(), durable=True)
+        return manifest
 
 
 @contextmanager
-def _locked(store: Path) -> Iterator[None]:
-    with open(store / _LOCK_NAME, "a") as lock:
+def locked(directory: Path, name: str = _LOCK_NAME) -> Iterator[None]:
+    """An exclusive lock (flock) on `directory`/`name`, between the processes sharing it."""
+    with open(directory / name, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

@@ -17,7 +17,9 @@ class ShardPlan:
     Shard s is a fixed slice of the features in one seeded order, the same in every epoch,
     so a shard file stays valid for the whole run. Epoch e reads every shard once, in a
     permutation seeded by (seed, e), so a resumed student reads exactly the shards it
-    would have read.
+    would have read. The contents depend on the set of feature ids, not on the order they
+    are given in: every run over the same features with the same (shard_size, seed) cuts
+    the same shards (a logit store's layout, manifest.py, is such a plan).
     """
 
     def __init__(self, feature_ids: Sequence[int], shard_size: int, seed: int):
@@ -29,12 +31,12 @@ class ShardPlan:
         repeated = [i for i, count in Counter(ids).items() if count > 1]
         if repeated:
             raise ValueError(f"ShardPlan: feature ids occur more than once: {sorted(repeated)[:10]}")
-        self.feature_ids: tuple[int, ...] = tuple(ids)
+        self.feature_ids: tuple[int, ...] = tuple(sorted(ids))
         self.shard_size = shard_size
         self.seed = seed
         # String seeds are hashed with SHA-512 by `random`, so the order is the same on
         # every machine and Python version.
-        contents = list(ids)
+        contents = list(self.feature_ids)
         random.Random(f"dist_xqa.shard_contents:{seed}").shuffle(contents)
         self._shards = [tuple(contents[i : i + shard_size]) for i in range(0, len(contents), shard_size)]
         self._orders: dict[int, tuple[list[int], list[int]]] = {}

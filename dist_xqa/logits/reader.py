@@ -10,6 +10,14 @@ unneeded shard is deleted and recomputed in its next epoch (bounded disk, one te
 forward per epoch); in cache mode it is kept for the next epoch, and only over
 `disk_budget_bytes` are unneeded shards evicted, the one read furthest ahead first.
 
+Any plan. The student reads its rows by feature id from the store's layout (the
+manifest's shard plan, that of the student that created the store): a student of that
+plan reads one layout shard per step, as ever; one of another plan (batch, seed, world
+size) gathers each step's rows from the layout shards that hold them (kept in a small
+cache of decoded shards, GATHER_CACHE_SHARDS). Such a student deletes nothing: the layout's
+shards serve rows of many of its steps, and a shared store (distill.store_dir) other
+students (config.py keeps a shared store in cache mode).
+
 ReadAhead runs the reads (and whatever else prepares a step) on a side thread a bounded
 number of steps ahead of the student, so that a step never waits on file reads; the
 thread never beats a heartbeat (waiting.py: beats come from the work loop), the
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections import OrderedDict
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -31,9 +40,10 @@ import torch
 
 from dist_xqa.logits.manifest import MANIFEST_NAME, Manifest, read_manifest
 from dist_xqa.logits.order import ShardPlan
-from dist_xqa.logits.progress import StoreTimeout, StudentProgress, producer_heartbeats, producer_role, write_progress
-from dist_xqa.logits.shards import (Logits, ShardData, ShardError, TopKLogits, list_shards, read_shard, shard_path,
-                                    stack_logits)
+from dist_xqa.logits.progress import (StoreTimeout, StudentProgress, owner_heartbeats, producer_heartbeats,
+                                      producer_role, write_progress)
+from dist_xqa.logits.shards import (Logits, ShardData, ShardError, TopKLogits, gather_rows, list_shards, read_shard,
+                                    shard_path, stack_logits)
 from dist_xqa.waiting import WAITING, Heartbeat, StallWatch
 
 log = logging.getLogger(__name__)
@@ -41,6 +51,7 @@ MODES = ("window", "cache")
 # A shard that fails verification is deleted and produced again; this many times in a
 # row means the producer itself writes bad shards, which no retry fixes.
 MAX_BAD_SHARD_RETRIES = 3
+GATHER_CACHE_SHARDS = 256  # decoded layout shards a reader of another plan keeps (LRU)
 _FIRST_BACKOFF_S = 0.005
 _MAX_BACKOFF_S = 0.25
 
@@ -67,7 +78,9 @@ class StoreReader:
     Exactly one reader per student, the `writer` (data-parallel rank 0), writes progress
     and deletes shards; the others only read. get() waits as long as the heartbeat of a
     producer it lacks moves, up to `stall_timeout_s` without movement; while it waits it
-    beats `heartbeat` (the student's), so that producers know the student is alive."""
+    beats `heartbeat` (the student's), so that producers know the student is alive.
+    `stream_dir`: where this run's progress and its producers' heartbeats are (default:
+    the store)."""
 
     def __init__(
         self,
@@ -82,6 +95,7 @@ class StoreReader:
         lookahead: int,
         writer: bool = True,
         heartbeat: Heartbeat | None = None,
+        stream_dir: str | Path | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"logit store mode must be one of {MODES}, got {mode!r}")
@@ -94,6 +108,7 @@ class StoreReader:
             raise ValueError(f"lookahead must be >= 1, got {lookahead}")
         manifest.check_plan(plan)
         self.store = Path(store_dir)
+        self.stream = Path(stream_dir) if stream_dir is not None else self.store
         self.teachers = list(teachers)
         self.plan = plan
         self.manifest = manifest
@@ -110,6 +125,9 @@ class StoreReader:
         self._progress_lock = threading.Lock()
         self._current: int | None = None
         self._wait_seconds = 0.0
+        self._layout: ShardPlan | None = None  # the store's, once its manifest is read
+        self._block: dict[int, int] = {}  # feature id -> layout shard
+        self._cache: OrderedDict[tuple[str, int], tuple[tuple, ShardData]] = OrderedDict()
 
     def get(self, epoch: int, position: int, while_waiting: Callable[[], bool] | None = None) -> ShardLogits:
         """The K teachers' logits of the shard at `position` of `epoch`'s order, waiting
@@ -138,7 +156,7 @@ class StoreReader:
                 # (with its manifest): a store directory is never started by the student.
                 if not reported and missing != [MANIFEST_NAME]:
                     with self._progress_lock:
-                        write_progress(self.store, self.plan, self._progress)
+                        write_progress(self.stream, self.plan, self._progress)
                     reported = True
                 if not missing:
                     shards, missing = self._read(shard)
@@ -152,7 +170,7 @@ class StoreReader:
                 waiting_since = waiting_since or now
                 if missing != watching:  # a file arrived (progress) or the first wait: watch anew
                     watching, watch = missing, self._watch(f"shard {shard} (epoch {epoch}, position {position})",
-                                                           missing)
+                                                           missing, [index])
                 watch.check(self._what(missing))
                 if self.heartbeat is not None:
                     self.heartbeat.beat(state=WAITING, epoch=epoch, position=position, shard=shard)
@@ -173,54 +191,109 @@ class StoreReader:
         )
 
     def _missing(self, shard: int | None) -> list[str]:
-        """What get() still waits for: the manifest, or teachers whose file of `shard` is
-        absent (None: the manifest alone). A manifest that is present but differs raises
-        StoreMismatchError at once."""
+        """What get() still waits for: the manifest, or teachers lacking a layout shard
+        of the rows of `shard` (None: the manifest alone). A manifest that is present but
+        differs in its key raises StoreMismatchError at once."""
         found = read_manifest(self.store)
         if found is None:
             return [MANIFEST_NAME]
         self.manifest.check_matches(found, f"logit store {self.store}")
-        return [t for t in self.teachers if shard is not None and not shard_path(self.store, t, shard).exists()]
+        if self._layout is None:
+            self._layout = found.layout(self.plan)
+            self._block = {f: b for b in range(len(self._layout)) for f in self._layout.features(b)}
+        if shard is None:
+            return []
+        blocks = self.blocks(shard)
+        return [t for t in self.teachers if not all(shard_path(self.store, t, b).exists() for b in blocks)]
+
+    def blocks(self, shard: int) -> list[int]:
+        """The store's layout shards holding the rows of `shard` (itself when this
+        student's plan is the layout); the manifest must have been read (_missing)."""
+        return sorted({self._block[f] for f in self.plan.features(shard)})
+
+    @property
+    def gathers(self) -> bool:
+        """Whether this student's plan differs from the store's layout (rows gathered)."""
+        return self._layout is not None and self._layout is not self.plan
 
     def _read(self, shard: int) -> tuple[list[ShardData], list[str]]:
-        """The verified files of `shard` and the teachers whose file failed verification
-        (the writer deletes those: the producer sees them missing and writes them again;
-        other readers wait for the new file)."""
-        expected, shards, bad = self.plan.features(shard), [], []
+        """The rows of `shard`, by teacher, from verified layout files, and the teachers
+        one of whose files failed verification (the writer deletes those: a producer sees
+        them missing and writes them again; other readers wait for the new file)."""
+        shards, bad = [], []
         for teacher in self.teachers:
-            path = shard_path(self.store, teacher, shard)
-            try:
-                shards.append(read_shard(path, expected, self.manifest.torch_dtype, self.manifest.topk))
-            except ShardError as e:
-                bad.append(teacher)
-                if self.writer:
-                    log.warning("logit store %s: deleting %s to have it produced again: %s", self.store, path, e)
-                    path.unlink(missing_ok=True)
+            parts = []
+            for block in self.blocks(shard):
+                path = shard_path(self.store, teacher, block)
+                try:
+                    parts.append(self._read_block(teacher, block, path))
+                except ShardError as e:
+                    bad.append(teacher)
+                    if self.writer:
+                        log.warning("logit store %s: deleting %s to have it produced again: %s", self.store, path, e)
+                        path.unlink(missing_ok=True)
+                    break
+            else:
+                shards.append(gather_rows(parts, self.plan.features(shard)))
         return shards, bad
 
-    def _watch(self, waiting_for: str, missing: list[str]) -> StallWatch:
-        """Watches the producers of the `missing` teachers (all of them while the store
-        has no manifest)."""
-        teachers = self.teachers if missing == [MANIFEST_NAME] else missing
-        return StallWatch(lambda: [p for t in teachers for p in producer_heartbeats(self.store, t)],
-                          self.stall_timeout_s, f"logit store {self.store}: {waiting_for}",
-                          expected=[producer_role(t) for t in teachers], error=StoreTimeout)
+    def _read_block(self, teacher: str, block: int, path: Path) -> ShardData:
+        """Layout shard `block` of `teacher`, verified; kept decoded (LRU) when this
+        student gathers rows from it for several steps."""
+        if not self.gathers:
+            return read_shard(path, self._layout.features(block), self.manifest.torch_dtype, self.manifest.topk)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ShardError(f"logit shard {path}: does not exist") from None
+        identity, key = (st.st_ino, st.st_size, st.st_mtime_ns), (teacher, block)
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] == identity:
+            self._cache.move_to_end(key)
+            return cached[1]
+        data = read_shard(path, self._layout.features(block), self.manifest.torch_dtype, self.manifest.topk)
+        self._cache[key] = (identity, data)
+        if len(self._cache) > GATHER_CACHE_SHARDS:
+            self._cache.popitem(last=False)
+        return data
+
+    def _watch(self, waiting_for: str, missing: list[str], indices: list[int]) -> StallWatch:
+        """Watches the producer parts of the `missing` teachers that owe the shards at the
+        run-wide `indices` (every producer of every teacher while the store has no
+        manifest). Only a part's progress counts: another part's beats, or the owner's
+        idle beats (it believes it has nothing to write), do not keep the wait alive."""
+        if missing == [MANIFEST_NAME]:
+            teachers = self.teachers
+            paths = lambda: [p for t in teachers for p in producer_heartbeats(self.stream, t)]  # noqa: E731
+        else:
+            teachers = missing
+            paths = lambda: [p for t in teachers for p in owner_heartbeats(self.stream, t, indices)]  # noqa: E731
+        return StallWatch(paths, self.stall_timeout_s, f"logit store {self.store}: {waiting_for}",
+                          expected=[producer_role(t) for t in teachers], error=StoreTimeout, count_idle=False)
 
     def wait_for_every_shard(self, beat: Callable[[], None] | None = None) -> None:
         """distill.precompute: returns once every shard of the plan is on disk for every
         teacher of the reader, so the student's first read comes after the whole precompute.
         Waits (polling every _MAX_BACKOFF_S, calling `beat`: the student's heartbeat) as long
-        as the producers of the teachers still missing shards beat; StoreTimeout once they
-        stall or fail. Verification is left to get()."""
-        watching, watch, every = None, None, set(range(len(self.plan)))
+        as shards arrive or the producer parts that owe the missing ones make progress;
+        StoreTimeout once they stall or fail. Verification is left to get()."""
+        watching, watch = None, None
         while True:
             missing = self._missing(None)
+            every = set(range(len(self._layout))) if self._layout is not None else set()
+            absent = every
             if missing != [MANIFEST_NAME]:
-                missing = [t for t in self.teachers if not every <= set(list_shards(self.store / t))]
+                on_disk = {t: set(list_shards(self.store / t)) for t in self.teachers}
+                missing = [t for t in self.teachers if not every <= on_disk[t]]
+                absent = {s for t in missing for s in every - on_disk[t]}
             if not missing:
                 return
-            if missing != watching:
-                watching, watch = missing, self._watch("the precompute of every shard", missing)
+            if (missing, absent) != watching:  # a shard arrived (progress) or the first wait: watch anew
+                # Producers precompute in the first epoch's order: the run-wide indices of
+                # the absent shards there say which parts owe them.
+                owed = [i for i, shard in enumerate(self.plan.order(0))
+                        if self._layout is None or absent.intersection(self.blocks(shard))]
+                watching, watch = (missing, absent), self._watch("the precompute of every shard", missing, owed)
             watch.check(self._what(missing))
             if beat is not None:
                 beat()
@@ -240,11 +313,13 @@ class StoreReader:
         committed = self.plan.global_index(epoch, position)
         with self._progress_lock:
             self._progress = StudentProgress(committed, max(self._progress.next if self._progress else 0, committed))
-            write_progress(self.store, self.plan, self._progress)
+            write_progress(self.stream, self.plan, self._progress)
             progress = self._progress
         self._clean_up(progress)
 
     def _clean_up(self, progress: StudentProgress) -> None:
+        if self._layout is None or self.gathers:  # layout shards serve many of its steps: kept
+            return
         on_disk: dict[int, list[Path]] = {}
         for teacher in self.teachers:
             for shard, path in list_shards(self.store / teacher).items():
@@ -275,7 +350,7 @@ class StoreReader:
         if self._current is not None:
             for index in range(self._current + 1, self._current + 1 + self.lookahead):
                 shard = self.plan.shard_at(index)
-                if not all(shard_path(self.store, t, shard).exists() for t in self.teachers):
+                if not all(shard_path(self.store, t, b).exists() for t in self.teachers for b in self.blocks(shard)):
                     break
                 ahead += 1
         return StreamStats(sizes, ahead, self._wait_seconds)

@@ -143,6 +143,25 @@ def stack_logits(items: Sequence[Logits]) -> Logits:
                       torch.stack([x.rest for x in items]), items[0].length)
 
 
+def gather_rows(parts: Sequence[ShardData], feature_ids: Sequence[int]) -> ShardData:
+    """The rows of `feature_ids`, in that order, from shards `parts` that hold them all
+    (a part that is exactly those rows is returned as it is)."""
+    ids = torch.as_tensor([int(f) for f in feature_ids], dtype=torch.int64)
+    if len(parts) == 1 and torch.equal(parts[0].feature_ids, ids):
+        return parts[0]
+    every = torch.cat([p.feature_ids for p in parts])
+    order = torch.argsort(every)
+    rows = order[torch.searchsorted(every[order], ids)]
+
+    def cat(items: Sequence[Logits]) -> Logits:
+        if isinstance(items[0], torch.Tensor):
+            return torch.cat(list(items))[rows]
+        return TopKLogits(*(torch.cat([getattr(x, f) for x in items])[rows] for f in ("values", "indices", "rest")),
+                          items[0].length)
+
+    return ShardData(ids, cat([p.start for p in parts]), cat([p.end for p in parts]))
+
+
 def shard_path(store_dir: str | Path, teacher: str, index: int) -> Path:
     """Where `teacher`'s logits for shard `index` live in the store."""
     return Path(store_dir) / teacher / f"shard_{index:06d}.safetensors"

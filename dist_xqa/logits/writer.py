@@ -10,6 +10,19 @@ progress file never tells a producer it is done (it may be an earlier run's, or 
 rolled-back student's): a producer stops when the student's heartbeat says it finished,
 and with an error when that heartbeat stalls or says it failed.
 
+Any plan. The producer writes the shards of the store's layout (the manifest's plan,
+that of the student that created the store), which may differ from its student's plan (a
+student of a sweep with another batch, seed or world size): for each shard of the
+student's window it writes the layout shards holding its rows that are missing, each
+claimed first (claims.py) so that two producers, of this run or of another sharing the
+store, never compute the same rows. Rows already on disk are never computed again; a
+student of the layout's own plan finds one layout shard per shard of its own, as before.
+Every computed row is counted (`rows_computed`, the teacher forwards, in the heartbeat).
+
+Where the pacing files go. The student's progress and the producers' heartbeats belong
+to one run: they live in `stream_dir` (default: the store itself), so that runs sharing
+a store (distill.store_dir) do not pace each other.
+
 With `distill.precompute` (the paper's pipeline) a producer first writes its whole part of
 the set (precompute()), with no look-ahead bound; the student starts once every part of
 every teacher is on disk (StoreReader.wait_for_every_shard) and, the store evicting none,
@@ -24,6 +37,7 @@ from pathlib import Path
 import torch
 
 from dist_xqa.files import remove_temp_files
+from dist_xqa.logits.claims import Claims
 from dist_xqa.logits.manifest import Manifest, prepare_store
 from dist_xqa.logits.order import ShardPlan
 from dist_xqa.logits.progress import StoreTimeout, StudentProgress, heartbeat_path, producer_role, read_progress
@@ -45,7 +59,8 @@ class Producer:
     left-out mass are taken over the positions that may hold an answer, as the losses' are.
     `placebo_seed` (distill.placebo_shuffle, a control): each shard's logit rows are moved
     to other rows of the shard (placebo_rows), so the student sees logits of the same
-    scale that carry no information about its features."""
+    scale that carry no information about its features (the manifest's `placebo` seed).
+    `stream_dir`: where this run's progress and producer heartbeats are (default: the store)."""
 
     def __init__(
         self,
@@ -63,7 +78,7 @@ class Producer:
         reset: bool = False,
         part: tuple[int, int] = (0, 1),
         answer_mask: AnswerMask | None = None,
-        placebo_seed: int | None = None,
+        stream_dir: str | Path | None = None,
     ):
         if lookahead < 1 or epochs < 1:
             raise ValueError(f"producer {teacher}: lookahead and epochs must be >= 1, got {lookahead} and {epochs}")
@@ -75,58 +90,73 @@ class Producer:
             raise ValueError(f"producer {teacher}: a top-{manifest.topk} store needs answer_mask (the positions mask)")
         manifest.check_plan(plan)
         self.store = Path(store_dir)
+        self.stream = Path(stream_dir) if stream_dir is not None else self.store
         self.teacher = teacher
         self.plan = plan
-        self.manifest = manifest
         self.compute = compute
         self.answer_mask = answer_mask
-        self.placebo_seed = placebo_seed
         self.lookahead = lookahead
         self.total = epochs * len(plan)
         self.poll = poll
         self.shards_written = 0
+        self.rows_computed = 0  # teacher forwards: the rows this producer computed
         self.finished = False
         self.part, self.parts = part
-        prepare_store(self.store, manifest, reset)
+        # The store's own manifest: its layout may be another student's plan.
+        self.manifest = prepare_store(self.store, manifest, reset)
+        self.layout = self.manifest.layout(plan)
+        self._block = {f: b for b in range(len(self.layout)) for f in self.layout.features(b)}
         (self.store / teacher).mkdir(exist_ok=True)
-        path = heartbeat_path(self.store, teacher, part)
+        path = heartbeat_path(self.stream, teacher, part)
         # Temporaries an earlier run of this producer left when it was killed mid-write.
-        # With several parts, only this part's: they carry the pid its heartbeat recorded
-        # (the other parts may be writing theirs right now).
-        if self.parts == 1:
+        # With several parts, or a store other runs share, only this producer's: they carry
+        # the pid its heartbeat recorded (the others may be writing theirs right now).
+        if self.parts == 1 and self.stream == self.store:
             remove_temp_files(self.store / teacher)
         elif (earlier := read_beat(path)) is not None:
             remove_temp_files(self.store / teacher, pid=earlier.pid)
         self.heartbeat = Heartbeat(path, producer_role(teacher, part))
+        self.claims = Claims(self.store / teacher, self.heartbeat,
+                             stall_timeout_s if stall_timeout_s is not None else float("inf"))
         self._student = (StallWatch(student_beats, stall_timeout_s, f"{self.heartbeat.role} waiting for the student",
                                     expected=["student"], error=StoreTimeout)
                          if student_beats is not None and stall_timeout_s is not None else None)
         self._verified: dict[int, tuple[int, int, int]] = {}  # shard -> file identity checked once
         self._progress = StudentProgress(0, 0)
 
+    def blocks(self, shard: int) -> list[int]:
+        """The layout shards holding the rows of the student's `shard` (itself when the
+        student's plan is the layout)."""
+        return sorted({self._block[f] for f in self.plan.features(shard)})
+
     def step(self) -> bool:
-        """Produces the first missing shard of this part (run-wide index modulo `parts`)
-        from the student's committed position to the end of its window, if any; returns
-        whether it wrote one. `finished` tells whether, by the progress file, every shard
-        of this part the student still needs is on disk (a hint: see the module doc)."""
-        self._progress = read_progress(self.store, self.plan)
+        """Produces the first missing layout shard of this part's shards (run-wide index
+        modulo `parts`) from the student's committed position to the end of its window
+        that no other producer has claimed, if any; returns whether it wrote one.
+        `finished` tells whether, by the progress file, every shard of this part the
+        student still needs is on disk (a hint: see the module doc)."""
+        self._progress = read_progress(self.stream, self.plan)
         first = min(self._progress.committed, self._progress.next)
         stop = min(self.total, self._progress.next + self.lookahead)
+        claimed = False  # a shard of the window that another producer computes now
         for index in range(first, stop):
             if index % self.parts != self.part:
                 continue
-            shard = self.plan.shard_at(index)
-            if not self._has_valid(shard):
+            for block in self.blocks(self.plan.shard_at(index)):
+                if self._has_valid(block):
+                    continue
                 # Between reading the progress and the scan, the student may have committed
                 # past `index` and deleted its file; the progress read again tells.
-                again = read_progress(self.store, self.plan)
+                again = read_progress(self.stream, self.plan)
                 if index < min(again.committed, again.next):
                     return False
-                self._produce(index, shard)
-                return True
-        self.finished = stop == self.total
+                if self._produce(index, block):
+                    return True
+                claimed = True
+        self.finished = stop == self.total and not claimed
         epoch, position = self.plan.locate(min(stop, self.total - 1))
-        self.heartbeat.beat(stop, WAITING, epoch=epoch, position=position, shards_written=self.shards_written)
+        self.heartbeat.beat(stop, WAITING, epoch=epoch, position=position, shards_written=self.shards_written,
+                            rows_computed=self.rows_computed)
         return False
 
     def precompute(self) -> int:
@@ -137,11 +167,11 @@ class Producer:
         the shards written."""
         written = self.shards_written
         for index in range(self.part, len(self.plan), self.parts):  # the first epoch's order, as step()
-            shard = self.plan.shard_at(index)
-            if not self._has_valid(shard):
-                self._produce(index, shard)
+            for block in self.blocks(self.plan.shard_at(index)):
+                if not self._has_valid(block):  # claimed by another producer: it writes it
+                    self._produce(index, block)
         self.heartbeat.beat(len(self.plan), WAITING, force=True, precomputed=True,
-                            shards_written=self.shards_written)
+                            shards_written=self.shards_written, rows_computed=self.rows_computed)
         return self.shards_written - written
 
     def wait_for_student(self) -> bool:
@@ -171,29 +201,42 @@ class Producer:
         if self._verified.get(shard) == identity:
             return True
         try:
-            read_shard(path, self.plan.features(shard), self.manifest.torch_dtype, self.manifest.topk)
+            read_shard(path, self.layout.features(shard), self.manifest.torch_dtype, self.manifest.topk)
         except ShardError:
             return False  # torn, corrupted or foreign: recompute and replace it
         self._verified[shard] = identity
         return True
 
-    def _produce(self, index: int, shard: int) -> None:
-        epoch, position = self.plan.locate(index)
-        self.heartbeat.beat(index, "computing", epoch=epoch, position=position, shards_written=self.shards_written)
-        feature_ids = self.plan.features(shard)
-        start, end = self.compute(feature_ids)
-        if self.placebo_seed is not None:
-            rows = placebo_rows(len(feature_ids), self.placebo_seed, shard)
-            start, end = start[rows], end[rows]
-        if self.manifest.topk is not None:  # over the receiving row's mask, as the student reads it
-            mask = self.answer_mask(feature_ids)
-            start, end = (compress_topk(x, mask, self.manifest.topk) for x in (start, end))
-        path = shard_path(self.store, self.teacher, shard)
-        write_shard(path, feature_ids, start, end, self.manifest.torch_dtype)
-        st = path.stat()
-        self._verified[shard] = (st.st_ino, st.st_size, st.st_mtime_ns)
-        self.shards_written += 1
-        self.heartbeat.beat(index, "committed", epoch=epoch, position=position, shards_written=self.shards_written)
+    def _produce(self, index: int, shard: int) -> bool:
+        """Claims, computes and commits layout shard `shard` (needed at run-wide `index`);
+        False when another producer's live claim holds it, or it arrived meanwhile."""
+        if not self.claims.claim(shard):
+            return False
+        try:
+            if self._has_valid(shard):  # committed by the claim's earlier holder
+                return False
+            epoch, position = self.plan.locate(index)
+            self.heartbeat.beat(index, "computing", epoch=epoch, position=position, shards_written=self.shards_written,
+                                rows_computed=self.rows_computed)
+            feature_ids = self.layout.features(shard)
+            start, end = self.compute(feature_ids)
+            self.rows_computed += len(feature_ids)
+            if self.manifest.placebo is not None:
+                rows = placebo_rows(len(feature_ids), self.manifest.placebo, shard)
+                start, end = start[rows], end[rows]
+            if self.manifest.topk is not None:  # over the receiving row's mask, as the student reads it
+                mask = self.answer_mask(feature_ids)
+                start, end = (compress_topk(x, mask, self.manifest.topk) for x in (start, end))
+            path = shard_path(self.store, self.teacher, shard)
+            write_shard(path, feature_ids, start, end, self.manifest.torch_dtype)
+            st = path.stat()
+            self._verified[shard] = (st.st_ino, st.st_size, st.st_mtime_ns)
+            self.shards_written += 1
+        finally:
+            self.claims.release(shard)
+        self.heartbeat.beat(index, "committed", epoch=epoch, position=position, shards_written=self.shards_written,
+                            rows_computed=self.rows_computed)
+        return True
 
 
 def placebo_rows(n: int, seed: int, shard: int) -> torch.Tensor:

@@ -48,7 +48,8 @@ def run_phase2(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePl
     shard_plan = ShardPlan(feature_ids, scfg.micro_batch_size * scfg.grad_accum * plan.student.size, cfg.seed)
     manifest = Manifest.for_plan(shard_plan, prepared.settings.fingerprint(),
                                  {t: hash_checkpoint(d) for t, d in teacher_dirs.items()},
-                                 dtype=cfg.distill.logits_dtype, topk=cfg.distill.store_topk)
+                                 dtype=cfg.distill.logits_dtype, topk=cfg.distill.store_topk,
+                                 placebo=cfg.seed if cfg.distill.placebo_shuffle else None)
     producers = rank_producers(cfg, plan, rank, teacher_dirs, features, row_of, shard_plan, manifest, scfg.epochs,
                                device)
     if cfg.distill.precompute:  # the paper's pipeline: every shard of D before the student's first step

@@ -52,14 +52,14 @@ def rank_producers(cfg: RunConfig, plan: RolePlan, rank: int, teacher_dirs: dict
                    device: torch.device) -> list[Producer]:
     """The producers rank `rank` runs: one for each teacher part the plan gives it (none on
     a student rank without producers)."""
+    layout = RunLayout(cfg.run_path)
     return [
-        Producer(RunLayout(cfg.run_path).store, t, shard_plan,
+        Producer(layout.logit_store(cfg.distill.store_dir), t, shard_plan,
                  teacher_compute(teacher_dirs[t], features, row_of, cfg.eval.batch_size, device),
                  cfg.distill.lookahead_shards, epochs, manifest=manifest,
                  answer_mask=lambda ids: label_tensors(features, [row_of[f] for f in ids], torch.device("cpu"))[0],
                  stall_timeout_s=cfg.run.stall_timeout_s,
                  student_beats=lambda: role_heartbeats(cfg.run_path, STUDENT),
-                 part=(p.ranks.index(rank), len(p.ranks)),
-                 placebo_seed=cfg.seed if cfg.distill.placebo_shuffle else None)
+                 part=(p.ranks.index(rank), len(p.ranks)), stream_dir=layout.stream)
         for p in plan.producers if rank in p.ranks for t in [p.teacher]
     ]

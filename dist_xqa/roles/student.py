@@ -304,9 +304,12 @@ def train_student(cfg: RunConfig, prepared: Prepared, ds_config: dict, group: Tr
     # does while it waits for the thread, below).
     # A precomputed store keeps every shard to the end (its budget was checked at start-up,
     # disk.check_precompute_budget): the reader evicts none of them.
-    budget = int(kd.disk_budget_gb * 2**30) if kd.store_mode == "cache" and not kd.precompute else None
-    reader = StoreReader(layout.store, teachers, shard_plan, manifest, cfg.run.stall_timeout_s,
-                         kd.store_mode, budget, lookahead=kd.lookahead_shards, writer=group.rank == 0)
+    # A shared store (distill.store_dir) is the sweep's: no student evicts from it (disk.py counts it once, whole).
+    budget = (int(kd.disk_budget_gb * 2**30) if kd.store_mode == "cache" and not kd.precompute and not kd.store_dir
+              else None)
+    reader = StoreReader(layout.logit_store(kd.store_dir), teachers, shard_plan, manifest, cfg.run.stall_timeout_s,
+                         kd.store_mode, budget, lookahead=kd.lookahead_shards, writer=group.rank == 0,
+                         stream_dir=layout.stream)
     inputs = StudentInputs(lambda epoch: ShardBatches(features, shard_plan, epoch, group.rank, group.size,
                                                       scfg.grad_accum, languages),
                            reader, device, loader_workers(device, cfg.run.loader_workers))
