@@ -20,6 +20,8 @@ What is counted, all of it kept to the run's end unless said:
   one is replaced (saved whole before the old one goes); self-distillation's teacher
   snapshot counts as one more (one generation is kept at a time: dist_xqa.roles.skd);
 - the prepared data, as measured on disk.
+Models borrowed from another run (phase1_from) are not this run's to write; a store shared
+between runs (distill.store_dir) counts once: the bytes it already holds count as present.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_xqa.jobs import STUDENT_SETS, model_dirs, phase1_jobs
+from dist_xqa.jobs import STUDENT_SETS, borrowed, model_dirs, phase1_jobs
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +128,12 @@ def saved_models(cfg) -> int:
     """The models a run keeps in Hugging Face format at its peak: its phase-1 models, the
     student, and self-distillation's snapshot of the current teacher generation."""
     snapshot = cfg.strategy.name == "skd" and cfg.strategy.skd.coefficient != "none"
-    return len(model_dirs(cfg)) + snapshot
+    return len(own_models(cfg)) + snapshot
+
+
+def own_models(cfg) -> list:
+    """The models this run writes: not those it borrows from another run (phase1_from)."""
+    return [d for d in model_dirs(cfg) if not borrowed(cfg, d)]
 
 
 def store_size(cfg, prepared) -> tuple[int, int]:
@@ -164,7 +171,7 @@ def check_disk(cfg, prepared) -> DiskEstimate:
 
     from dist_xqa.config import ConfigError
 
-    trained = len(model_dirs(cfg))  # the phase-1 models and the student
+    trained = len(own_models(cfg))  # the phase-1 models and the student
     kd = cfg.distill
     store_teachers, store_features = store_size(cfg, prepared)
     student = cfg.student
@@ -178,7 +185,9 @@ def check_disk(cfg, prepared) -> DiskEstimate:
         disk_budget_bytes=int(kd.disk_budget_gb * 2**30),
         row_bytes=logit_row_bytes(cfg.model.max_length, kd.logits_dtype, kd.store_topk),
         prepared_bytes=directory_bytes(prepared.root))
-    present = directory_bytes(cfg.run_path)
+    # A shared store (distill.store_dir) is counted once over the runs sharing it: what it
+    # holds already is written by no later run.
+    present = directory_bytes(cfg.run_path) + (directory_bytes(Path(kd.store_dir)) if kd.store_dir else 0)
     free = shutil.disk_usage(cfg.run_path).free
     table = estimate.describe(present, free)
     if estimate.total - present > free:

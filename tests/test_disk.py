@@ -131,3 +131,12 @@ def test_parameters_are_counted_on_the_meta_device_without_touching_the_rng(run_
     counted = count_parameters(cfg.model, tokenizer)
     assert torch.equal(torch.get_rng_state(), state)  # rank 0 seeds its training later
     assert counted == sum(p.numel() for p in build_model(cfg.model, tokenizer, seed=0).parameters())
+
+
+def test_borrowed_models_are_not_this_runs_to_write(tmp_path):
+    from dist_xqa.config import load_config
+    from dist_xqa.disk import saved_models
+
+    own = load_config(None, [f"run_dir={tmp_path / 'a'}"])
+    borrowing = load_config(None, [f"run_dir={tmp_path / 'b'}", f"phase1_from={tmp_path / 'a'}"])
+    assert saved_models(own) == 4 and saved_models(borrowing) == 1  # 3 teachers + the student; the student alone
