@@ -1,7 +1,8 @@
 """Building and saving extractive-QA models.
 
 `model.name: tiny` builds a small BERT from `model.tiny` (used by tests and the demo: no
-download); any other name is a Hugging Face model name or local path. Every model is
+download); any other name is a Hugging Face model name or local path, checked at start-up
+(`check_model_name`) before any data work. Every model is
 saved in Hugging Face format with its tokenizer, so `AutoModelForQuestionAnswering` and
 `pipeline("question-answering")` load it.
 """
@@ -13,7 +14,43 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 
-from dist_xqa.config import ModelConfig
+from dist_xqa.config import ConfigError, ModelConfig
+
+MODEL_FILE = "config.json"  # what every Hugging Face model folder and Hub repository holds
+
+
+def check_model_name(name: str) -> None:
+    """ConfigError unless `model.name` can be loaded: tiny, a folder holding a model, or a
+    Hub name that is in the Hugging Face cache or, online, may be downloaded. A name that
+    can be neither (a mistyped path, a Hub name missing from an offline cache) would
+    otherwise fail deep in the data preparation with the Hub's own words about repo ids,
+    after minutes of it; this names the key, what was tried and where the cache is."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    if name == "tiny":
+        return
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / MODEL_FILE).is_file():
+            raise ConfigError(f"model.name {name!r} is a folder without {MODEL_FILE}: not a Hugging Face model")
+        return
+    tried = [f"a local folder {folder.absolute()} (no such folder)"]
+    cache = f"the Hugging Face cache {constants.HF_HUB_CACHE} (HF_HOME={constants.HF_HOME})"
+    try:
+        cached = try_to_load_from_cache(name, MODEL_FILE)
+    except HFValidationError:
+        cached = None
+        tried.append("a Hub model of that name (not a valid Hub name: a path, or a typo)")
+    else:
+        if isinstance(cached, str):
+            return
+        if not constants.HF_HUB_OFFLINE:
+            return  # online: from_pretrained downloads it (and names a Hub error itself)
+        tried.append(f"{cache}, offline (HF_HUB_OFFLINE=1): not there")
+    raise ConfigError(f"model.name {name!r} cannot be loaded; tried {'; '.join(tried)}. Give a folder holding "
+                      f"a model ({MODEL_FILE}, weights, tokenizer) or a Hub name present in {cache}: fill it "
+                      f"where the Hub is reachable, e.g. `huggingface-cli download <name>` with the same HF_HOME")
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

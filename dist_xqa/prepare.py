@@ -3,8 +3,10 @@ training set of every phase-1 job, the distillation set D and the dev sets (from
 training corpus's dev split or a separate dev corpus) -> features; and every test set
 (`data.test`, or the training corpus's test split) -> gold questions and features.
 
-Runs on one rank before any training; everything lands under `<run>/prepared/` and the
-other ranks read it from there. A run directory prepared with different training data or
+Runs on one process before any training (rank 0 of the job, or `--stage prepare` as a
+job of its own, on CPUs), tokenising with `run.num_proc` processes and calling its `beat`
+as it goes (the heartbeat the other ranks wait on); everything lands under
+`<run>/prepared/` and the other ranks read it from there. A run directory prepared with different training data or
 model settings is refused: its teachers and logit store would not match. Test sets are
 prepared apart (`prepared/test/<name>/`), each with its own fingerprint, so test sets
 added to a finished run are prepared then and scored by `--stage evaluate`.
@@ -14,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -133,20 +137,27 @@ def check_test_files(cfg: RunConfig) -> None:
             raise ConfigError(f"data.test: {err}") from None
 
 
-def prepare(cfg: RunConfig) -> Prepared:
+def num_proc(cfg: RunConfig) -> int:
+    """The processes that tokenise (run.num_proc; auto: the cores this process may use)."""
+    return len(os.sched_getaffinity(0)) if cfg.run.num_proc == "auto" else cfg.run.num_proc
+
+
+def prepare(cfg: RunConfig, beat: Callable[[], None] = lambda: None) -> Prepared:
     """Build everything phase 1 and 2 read and every test set, unless this run directory
-    already has it."""
+    already has it. `beat` is called after every unit of work (a chunk tokenised, a set
+    built)."""
     check_test_files(cfg)
-    prepared = _prepare_training(cfg)
+    prepared = _prepare_training(cfg, beat)
     for spec in run_test_sets(cfg, prepared):
-        _prepare_test_set(spec, prepared)
+        _prepare_test_set(spec, prepared, num_proc(cfg), beat)
+        beat()
     check_precompute_budget(cfg, prepared)
     if cfg.run.check_disk:  # before any training: a run that cannot fit its run_dir stops here
         check_disk(cfg, prepared)
     return prepared
 
 
-def _prepare_training(cfg: RunConfig) -> Prepared:
+def _prepare_training(cfg: RunConfig, beat: Callable[[], None]) -> Prepared:
     run_dir = cfg.run_path
     layout = RunLayout(run_dir)
     root = layout.prepared
@@ -161,6 +172,7 @@ def _prepare_training(cfg: RunConfig) -> Prepared:
         return Prepared(run_dir)
 
     ps, folder, pattern = _train_corpus(cfg, run_dir)
+    beat()
     ranges = _split_ranges(cfg, ps)
     splits = split_parallel(ps, **ranges, drop_uncovered=cfg.data.train.split is not None)
     unused = len(ps.ids) - sum(len(v.ids) for v in splits.values())
@@ -197,7 +209,8 @@ def _prepare_training(cfg: RunConfig) -> Prepared:
             examples = table[name](train_ps)
             if cfg.data.max_train_examples:
                 examples = examples[: cfg.data.max_train_examples]
-        _save_set(layout.prepared_set(name), examples, tokenizer, settings, layout.feature_cache)
+        _save_set(layout.prepared_set(name), examples, tokenizer, settings, layout.feature_cache, num_proc(cfg), beat)
+        beat()
         log.info("prepared set %-16s %6d examples", name, len(examples))
 
     test_articles = [ranges["test"].start, ranges["test"].stop] if len(ranges["test"]) else None
@@ -209,8 +222,9 @@ def _prepare_training(cfg: RunConfig) -> Prepared:
     return Prepared(run_dir)
 
 
-def _save_set(out: Path, examples: list[QAExample], tokenizer, settings: TokenizerSettings, cache: Path) -> None:
-    ds = build_features(examples, tokenizer, settings, cache_dir=cache)
+def _save_set(out: Path, examples: list[QAExample], tokenizer, settings: TokenizerSettings, cache: Path,
+              processes: int, beat: Callable[[], None]) -> None:
+    ds = build_features(examples, tokenizer, settings, cache_dir=cache, num_proc=processes, beat=beat)
     save_features(ds, settings, out)
     write_examples(out / EXAMPLES, examples)
 
@@ -220,7 +234,7 @@ def eval_set_fingerprint(spec: EvalSetConfig, settings: TokenizerSettings) -> st
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _prepare_test_set(spec: EvalSetConfig, prepared: Prepared) -> None:
+def _prepare_test_set(spec: EvalSetConfig, prepared: Prepared, processes: int, beat: Callable[[], None]) -> None:
     """Gold questions and features of one test set, unless prepared with the same spec."""
     out = prepared.layout.prepared_test_set(spec.name)
     fingerprint = eval_set_fingerprint(spec, prepared.settings)
@@ -242,7 +256,8 @@ def _prepare_test_set(spec: EvalSetConfig, prepared: Prepared) -> None:
                     "; ".join(f"{n} {reason}" for reason, n in sorted(by_reason.items())))
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = prepared.tokenizer()
-    ds = build_features(corpus.answerable, tokenizer, prepared.settings, cache_dir=prepared.layout.feature_cache)
+    ds = build_features(corpus.answerable, tokenizer, prepared.settings, cache_dir=prepared.layout.feature_cache,
+                        num_proc=processes, beat=beat)
     save_features(ds, prepared.settings, out / FEATURES)
     write_examples(out / EXAMPLES, corpus.answerable)
     write_examples(out / GOLD, corpus.gold)

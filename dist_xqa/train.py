@@ -1,11 +1,15 @@
 """dist_xqa entry point: every rank of the world runs this file.
 
     deepspeed [--num_gpus N] dist_xqa/train.py --deepspeed ds_configs/zero2.json \
-        [--config configs/X.yaml] [--stage teachers|distill|evaluate|all] [--redo NAME[,NAME]]
+        [--config configs/X.yaml] [--stage prepare|teachers|distill|evaluate|all] [--redo NAME[,NAME]]
         [key=value ...]
+    python dist_xqa/train.py --stage prepare [--config ...] [key=value ...]   # one process, CPUs
 
 With no --config it runs the embedded default (the demo corpus and a tiny model). The
-stages: phase 1 trains the branch teachers (or a baseline's model) in concurrent role
+stages: the data preparation (tokenisation with run.num_proc processes; on its own,
+`--stage prepare` needs no launcher, GPU or DeepSpeed, so a CPU job can do it before the
+GPU job, which then finds it done; otherwise rank 0 does it while the other ranks wait on
+its heartbeat); phase 1 trains the branch teachers (or a baseline's model) in concurrent role
 groups; phase 2 streams teacher logits through the sharded store into the student; then
 every model is evaluated. A finished stage is not redone; an interrupted one resumes. A
 rerun whose settings differ from what a stage was made with stops and names the keys,
@@ -16,10 +20,13 @@ unless --redo names that stage: then it and the stages after it are removed and 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import os
 import sys
+import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -34,7 +41,8 @@ from dist_xqa.config import ConfigError, RunConfig, batch_for_group, load_config
 from dist_xqa.layout import RunLayout
 
 log = logging.getLogger("dist_xqa")
-STAGES = (*stages.STAGES, "all")
+PREPARE = "prepare"  # the stage, and the role whose heartbeat the other ranks wait on
+STAGES = (PREPARE, *stages.STAGES, "all")
 REQUEUE_MARKER = "DIST_XQA_REQUEUE_MARKER"  # env: a file to create when stopped by a signal
 
 
@@ -83,7 +91,6 @@ def run(cfg: RunConfig, ds_config: dict, stage: str, redo: frozenset[str] = froz
     from dist_xqa.distributed import init_distributed, make_groups
     from dist_xqa.eval.stage import evaluate_all
     from dist_xqa.jobs import DISTILL_SET, model_dirs, phase1_jobs, trains_student
-    from dist_xqa.prepare import prepare
     from dist_xqa.prepared import Prepared
     from dist_xqa.roles.phase2 import run_phase2
     from dist_xqa.plan import plan_roles
@@ -91,27 +98,25 @@ def run(cfg: RunConfig, ds_config: dict, stage: str, redo: frozenset[str] = froz
     from dist_xqa.roles.supervised import train_job
     from dist_xqa.roles.xsta import run_xsta
 
-    # Rank 0 prepares the data while the others wait in the first collective: the process
-    # groups' timeout is the run's stall timeout, not torch's fixed 30 minutes.
+    # The process groups' timeout is the run's stall timeout, not torch's fixed 30 minutes.
     ctx = init_distributed(timeout=timedelta(seconds=cfg.run.stall_timeout_s))
     rank, world, device = ctx.rank, ctx.world_size, ctx.device
     layout = RunLayout(cfg.run_path)
     setup_logging(cfg.run_path, rank)
 
     # Rank 0 checks what the run directory holds against the settings (and removes what
-    # --redo redoes), then prepares the data; a failure there (a changed setting, a
-    # language with no data) stops every rank with the same message, before any training.
-    error = [None]
+    # --redo redoes), then prepares the data, beating the preparation's heartbeat; the
+    # other ranks wait on that heartbeat, not in a collective (whose fixed timeout a full-
+    # scale tokenisation outlasts). A failure there (a changed setting, a language with no
+    # data) stops every rank with rank 0's message, before any training. The beats carry
+    # this launch's id, drawn by rank 0 (all ranks come here from start-up together), so a
+    # beat left by an earlier launch never passes for this one's.
+    launch = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(launch, src=0)
     if rank == 0:
-        try:
-            stages.check_rerun(cfg, redo)
-            prepare(cfg)
-            layout.config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        except (ConfigError, ValueError, OSError) as err:
-            error = [f"{type(err).__name__}: {err}"]
-    dist.broadcast_object_list(error, src=0)
-    if error[0]:
-        raise SystemExit(f"dist_xqa: {error[0]}")
+        _prepare_beating(cfg, redo, launch[0])
+    else:
+        _wait_for_preparation(cfg, launch[0], rank)
     prepared = Prepared(cfg.run_path)
 
     jobs = phase1_jobs(cfg)
@@ -164,6 +169,94 @@ def run(cfg: RunConfig, ds_config: dict, stage: str, redo: frozenset[str] = froz
         evaluate_all(cfg, prepared, device, models)
 
 
+def prepare_run(cfg: RunConfig, redo: frozenset[str], beat: Callable[[], None]) -> None:
+    """What a run does before its roles start, on one process: checks the run directory
+    against the settings (and removes what --redo redoes), prepares the data, records the
+    settings. A config error raises ConfigError, a data error ValueError or OSError."""
+    from dist_xqa.prepare import prepare
+
+    stages.check_rerun(cfg, redo)
+    prepare(cfg, beat)
+    RunLayout(cfg.run_path).config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _prepare_beating(cfg: RunConfig, redo: frozenset[str], launch: str) -> None:
+    """prepare_run on rank 0, beating the preparation's heartbeat (its step: units of work
+    done; `launch`: this launch's id) and marking it finished, failed or stopped; a stop
+    signal stops it at its next unit."""
+    from dist_xqa.waiting import FAILED, FINISHED, STOPPED, Heartbeat, Preempted, stop_requested
+
+    heartbeat = Heartbeat(RunLayout(cfg.run_path).heartbeat(PREPARE, 0), PREPARE)
+    units = itertools.count(1)
+
+    def beat() -> None:
+        if stop_requested():
+            raise Preempted("data preparation: stopped by a signal")
+        heartbeat.beat(next(units), launch=launch)
+
+    heartbeat.beat(0, force=True, launch=launch)
+    try:
+        prepare_run(cfg, redo, beat)
+    except BaseException as err:
+        message = f"{type(err).__name__}: {err}"
+        heartbeat.beat(state=STOPPED if isinstance(err, Preempted) else FAILED, force=True, launch=launch,
+                       error=message)
+        if isinstance(err, (ConfigError, ValueError, OSError)):
+            raise SystemExit(f"dist_xqa: {message}") from None
+        raise
+    heartbeat.beat(state=FINISHED, force=True, launch=launch)
+
+
+def _wait_for_preparation(cfg: RunConfig, launch: str, rank: int) -> None:
+    """Every rank but 0: until rank 0's preparation of this launch has finished, as long as
+    its heartbeat moves (run.stall_timeout_s without a beat: stopped, naming it and its
+    log); rank 0's error, or its stop, ends the wait at once."""
+    from dist_xqa.waiting import FAILED, FINISHED, STOPPED, Preempted, Stalled, StallWatch, read_beat, wait_until
+
+    path = RunLayout(cfg.run_path).heartbeat(PREPARE, 0)
+
+    def ready() -> bool:
+        beat = read_beat(path)
+        if beat is None or beat.detail.get("launch") != launch:
+            return False  # rank 0 has not beaten yet in this launch
+        if beat.state == FAILED:
+            raise SystemExit(f"dist_xqa: {beat.detail.get('error')} (rank 0's data preparation, log {beat.log})")
+        if beat.state == STOPPED:
+            raise Preempted(f"rank {rank}: rank 0's data preparation was stopped by a signal")
+        return beat.state == FINISHED
+
+    watch = StallWatch(lambda: [path], cfg.run.stall_timeout_s, f"rank {rank} waiting for rank 0's data preparation",
+                       expected=[PREPARE])
+    try:
+        wait_until(ready, watch)
+    except Stalled as stalled:
+        raise SystemExit(f"dist_xqa: {stalled}") from None
+
+
+def prepare_stage(cfg: RunConfig, redo: frozenset[str]) -> None:
+    """`--stage prepare`: the preparation alone, on this process, with no process group (a
+    CPU job before the GPU job). Started by a launcher on several ranks, rank 0 alone
+    prepares and the others have nothing to do."""
+    from dist_xqa.distributed import launcher_env
+    from dist_xqa.waiting import Preempted, stop_requested
+
+    rank = int(launcher_env(dict(os.environ))["RANK"])
+    setup_logging(cfg.run_path, rank)
+    if rank != 0:
+        log.info("--stage prepare runs on rank 0 alone: rank %d has nothing to do", rank)
+        return
+
+    def beat() -> None:
+        if stop_requested():
+            raise Preempted("data preparation: stopped by a signal")
+
+    try:
+        prepare_run(cfg, redo, beat)
+    except (ConfigError, ValueError, OSError) as err:
+        raise SystemExit(f"dist_xqa: {type(err).__name__}: {err}") from None
+    log.info("prepared %s", RunLayout(cfg.run_path).prepared)
+
+
 def _batch_error(cfg: RunConfig, plan, student: bool) -> str | None:
     """Why a role's global batch (teacher.global_batch_size, student.global_batch_size)
     does not split evenly over one of the plan's groups, or None."""
@@ -185,21 +278,28 @@ def _batch_error(cfg: RunConfig, plan, student: bool) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     from dist_xqa.distributed import load_ds_config
 
+    from dist_xqa.models import check_model_name
+
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         ds_config = load_ds_config(args.deepspeed)
+        check_model_name(cfg.model.name)  # before any data work or process group
     except (ConfigError, ValueError) as err:
         raise SystemExit(f"dist_xqa: configuration error: {err}") from None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from dist_xqa.waiting import Preempted, install_stop_signal
 
-    # Slurm's USR1 before the time limit (slurm/train_lbmrc.sh): training groups checkpoint
-    # and every rank exits 0 (srun --kill-on-bad-exit would cut the others' checkpoints
-    # short); the marker the script names tells it to requeue the job, which resumes.
+    # Slurm's USR1 before the time limit (slurm/train_lbmrc.sh) and SIGTERM (preemption,
+    # Slurm's KillWait before SIGKILL): training groups checkpoint and every rank exits 0
+    # (srun --kill-on-bad-exit would cut the others' checkpoints short); the marker the
+    # script names tells it to requeue the job, which resumes.
     install_stop_signal()
     try:
-        run(cfg, ds_config, args.stage, args.redo)
+        if args.stage == PREPARE:
+            prepare_stage(cfg, args.redo)
+        else:
+            run(cfg, ds_config, args.stage, args.redo)
     except Preempted as stop:
         log.warning("%s; exiting for the requeued job to resume", stop)
         if marker := os.environ.get(REQUEUE_MARKER):

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
 from datasets import Features, List, Value
+from datasets.arrow_writer import ArrowWriter
 from transformers import PreTrainedTokenizerBase
 
 from dist_xqa.data.records import QAExample, key_str
@@ -212,8 +216,8 @@ def _check_unique_ids(ds: datasets.Dataset) -> None:
 
 
 def build_features(examples: list[QAExample], tokenizer: PreTrainedTokenizerBase,
-                   settings: TokenizerSettings, cache_dir: str | os.PathLike | None = None
-                   ) -> datasets.Dataset:
+                   settings: TokenizerSettings, cache_dir: str | os.PathLike | None = None,
+                   num_proc: int = 1, beat: Callable[[], None] | None = None) -> datasets.Dataset:
     """Builds one row per window of each example (columns: FEATURES).
 
     Labels use the first answer. `offsets` holds the [start, end) character offsets into
@@ -221,6 +225,10 @@ def build_features(examples: list[QAExample], tokenizer: PreTrainedTokenizerBase
     that may hold an answer: the context tokens and CLS at index 0, the label of a window
     that does not wholly contain the answer. With `cache_dir`, the features are stored there
     as Arrow under a hash of the examples and settings and reused by a later identical call.
+
+    The examples are tokenised in chunks of CHUNK_EXAMPLES by `num_proc` processes (the
+    same features, in the same order, for any number); `beat` is called after each chunk,
+    from this process (the preparation's heartbeat: other ranks wait on it).
     """
     TokenizerSettings.from_tokenizer(tokenizer, settings.tokenizer, settings.max_length,
                                      settings.doc_stride).check_same(
@@ -228,20 +236,77 @@ def build_features(examples: list[QAExample], tokenizer: PreTrainedTokenizerBase
     if tokenizer.padding_side != "right":
         raise ValueError(f"tokenizer {settings.tokenizer!r} pads on the {tokenizer.padding_side}; "
                          f"features need right padding (CLS at position 0)")
+    if num_proc < 1:
+        raise ValueError(f"num_proc must be at least 1, got {num_proc}")
     table = _examples_table(examples)
     fingerprint = _content_fingerprint(table, settings)
     cache_file = None
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        cache_file = str(Path(cache_dir) / f"features-{fingerprint}.arrow")
-    ds = datasets.Dataset.from_dict(table).map(
-        _tokenize, batched=True, remove_columns=list(table), features=FEATURES,
-        fn_kwargs={"tokenizer": tokenizer, "settings": settings},
-        cache_file_name=cache_file, new_fingerprint=fingerprint,
-        desc="tokenizing", load_from_cache_file=True,
-    )
+        cache_file = Path(cache_dir) / f"features-{fingerprint}.arrow"
+        if cache_file.exists():
+            ds = datasets.Dataset.from_file(str(cache_file))
+            _check_unique_ids(ds)
+            return ds
+    chunks = [{k: v[i:i + CHUNK_EXAMPLES] for k, v in table.items()} for i in range(0, len(examples), CHUNK_EXAMPLES)]
+    # Written chunk by chunk to a temporary file renamed when whole: a preparation killed
+    # midway leaves no cache file a rerun would take for complete.
+    out = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp") if cache_file else None
+    writer = ArrowWriter(features=FEATURES, path=str(out)) if out else None
+    parts = []
+    try:
+        with _tokenizing_pool(tokenizer, settings, num_proc, len(chunks)) as tokenize:
+            for batch in tokenize(chunks):
+                if writer is not None:
+                    writer.write_batch(batch)
+                else:
+                    parts.append(datasets.Dataset.from_dict(batch, features=FEATURES))
+                if beat is not None:
+                    beat()
+        if writer is not None:
+            writer.finalize()
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is not None:
+        os.replace(out, cache_file)
+        ds = datasets.Dataset.from_file(str(cache_file))
+    else:
+        ds = (datasets.concatenate_datasets(parts) if parts
+              else datasets.Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES))
     _check_unique_ids(ds)
     return ds
+
+
+CHUNK_EXAMPLES = 1000  # examples a worker tokenises at a time: seconds of work, a heartbeat after each
+
+_worker: tuple[PreTrainedTokenizerBase, TokenizerSettings] | None = None  # a pool worker's tokenizer
+
+
+def _set_worker(tokenizer: PreTrainedTokenizerBase, settings: TokenizerSettings) -> None:
+    global _worker
+    _worker = (tokenizer, settings)
+
+
+def _tokenize_in_worker(chunk: dict[str, list]) -> dict[str, list]:
+    return _tokenize(chunk, *_worker)
+
+
+@contextmanager
+def _tokenizing_pool(tokenizer: PreTrainedTokenizerBase, settings: TokenizerSettings, num_proc: int,
+                     chunks: int) -> Iterator[Callable[[list[dict]], Iterable[dict]]]:
+    """A function mapping chunks of examples to their features, in order: in this process,
+    or in a pool of `num_proc` processes (no more than there are chunks). The pool forks,
+    so that workers start in milliseconds with the tokenizer already loaded (a spawned
+    worker imports torch and transformers first); the tokenizers library turns its own
+    thread pool off in a forked child, and the workers touch nothing else of the parent."""
+    procs = min(num_proc, chunks)
+    if procs <= 1:
+        yield lambda batches: (_tokenize(batch, tokenizer, settings) for batch in batches)
+        return
+    with multiprocessing.get_context("fork").Pool(procs, initializer=_set_worker,
+                                                  initargs=(tokenizer, settings)) as pool:
+        yield lambda batches: pool.imap(_tokenize_in_worker, batches)
 
 
 def save_features(ds: datasets.Dataset, settings: TokenizerSettings, directory: str | os.PathLike) -> None:
