@@ -24,6 +24,7 @@ import itertools
 import logging
 import math
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Callable
@@ -288,12 +289,14 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, ValueError) as err:
         raise SystemExit(f"dist_xqa: configuration error: {err}") from None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from dist_xqa.waiting import Preempted, install_stop_signal
+    from dist_xqa.waiting import Preempted, install_stop_signal, stop_signal
 
-    # Slurm's USR1 before the time limit (slurm/train_lbmrc.sh) and SIGTERM (preemption,
-    # Slurm's KillWait before SIGKILL): training groups checkpoint and every rank exits 0
-    # (srun --kill-on-bad-exit would cut the others' checkpoints short); the marker the
-    # script names tells it to requeue the job, which resumes.
+    # Slurm's USR1 before the time limit (slurm/train_lbmrc.sh) and SIGTERM (preemption or
+    # scancel, Slurm's KillWait before SIGKILL): training groups checkpoint and every rank
+    # exits 0 (srun --kill-on-bad-exit would cut the others' checkpoints short). After USR1
+    # the marker the script names tells it to requeue the job, which resumes; after
+    # SIGTERM none is written: Slurm requeues a preempted job itself (PreemptMode=REQUEUE),
+    # and a cancelled one stays cancelled.
     install_stop_signal()
     try:
         if args.stage == PREPARE:
@@ -302,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
             run(cfg, ds_config, args.stage, args.redo)
     except Preempted as stop:
         log.warning("%s; exiting for the requeued job to resume", stop)
-        if marker := os.environ.get(REQUEUE_MARKER):
+        if (marker := os.environ.get(REQUEUE_MARKER)) and stop_signal() == signal.SIGUSR1:
             Path(marker).touch()
 
 

@@ -71,20 +71,31 @@ class Preempted(Exception):
 
 
 _stop = threading.Event()
+_stop_signals: list[int] = []  # the signals that asked to stop, in order
 
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+def _request_stop(signum: int, _frame) -> None:
+    _stop_signals.append(signum)
+    _stop.set()
 
 
 def install_stop_signal(signums: Sequence[int] = STOP_SIGNALS) -> None:
     """From now on each of `signums` asks this process to stop at its next safe point
     (main thread only)."""
     for signum in signums:
-        signal.signal(signum, lambda *_: _stop.set())
+        signal.signal(signum, _request_stop)
 
 
 def stop_requested() -> bool:
     return _stop.is_set()
+
+
+def stop_signal() -> int | None:
+    """The first signal that asked this process to stop (None: none did)."""
+    return _stop_signals[0] if _stop_signals else None
 
 
 @dataclass(frozen=True)

@@ -60,3 +60,28 @@ def test_sigterm_during_the_dev_evaluation_checkpoints_and_the_rerun_evaluates_a
     assert resumed["resumed_from"] == f"step{STEPS}"
     assert resumed["evaluations"] == [[0, EVAL_ROWS], [1, EVAL_ROWS]]
     assert resumed["final"]["epoch"] == 2 and resumed["final"]["global_step"] == 2 * STEPS
+
+
+@pytest.mark.parametrize("signum,requeue", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
+def test_the_requeue_marker_follows_the_time_limits_signal_only(tmp_path, monkeypatch, signum, requeue):
+    """Both signals stop the run cleanly (exit 0); only USR1 (the time limit) asks the
+    Slurm script to requeue: after SIGTERM Slurm requeues a preempted job itself, and a
+    cancelled one must stay cancelled."""
+    from dist_xqa import train, waiting
+
+    def stopped_run(*_):
+        os.kill(os.getpid(), signum)
+        raise waiting.Preempted("student: stopped by a signal at global step 3")
+
+    marker = tmp_path / "requeue"
+    monkeypatch.setenv(train.REQUEUE_MARKER, str(marker))
+    monkeypatch.setattr(train, "run", stopped_run)
+    handlers = {s: signal.getsignal(s) for s in waiting.STOP_SIGNALS}
+    try:
+        train.main([f"run_dir={tmp_path / 'run'}"])
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        waiting._stop.clear()
+        waiting._stop_signals.clear()
+    assert marker.exists() == requeue
