@@ -71,6 +71,14 @@ def test_xsta_demo_end_to_end_with_translate_test(tmp_path):
     # p_T alone is what the saved Hugging Face model answers with
     baseline = untrained_f1(run_dir)
     assert section["p_T_alone"]["pooled"]["f1"] > baseline + 2, (section["p_T_alone"]["pooled"], baseline)
+    # Translate-test (the calibrated average on the examples with a source version) is the
+    # row's score, not p_T alone under another name. It is not bounded below here: on this
+    # shrunk run it scores at the untrained model's level (XLT F1 4.1 against p_T alone's
+    # 7.8, the same with the code before the review's fixes), and on the demo below p_T
+    # alone on all 3 seeds (benchmarks/results/quality_demo): an open question of the
+    # calibration head, not of the scoring this test checks.
+    assert section["pooled"] != section["p_T_alone"]["pooled"]
+    assert section["p_T_alone"]["pooled"]["count"] == section["pooled"]["count"] == section["questions"]
 
     # The same command again trains and scores nothing.
     model = run_dir / "student" / "model.safetensors"
