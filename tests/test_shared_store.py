@@ -181,3 +181,54 @@ def test_a_killed_producers_claim_expires_with_its_process_and_another_run_takes
     assert set(claimed) <= set(computed(survivor / "computed.jsonl")), "the killed claim's rows were computed anew"
     assert len(computed(survivor / "computed.jsonl")) == len(TEACHERS) * len(FEATURES)
     check_complete(store)
+
+
+def test_a_student_waits_on_another_runs_producer_that_claimed_its_shard(tmp_path):
+    """In a shared store the shard a student awaits may be claimed by another run's
+    producer; this run's own owner then has nothing to write. The wait lives on the
+    claimer's progress, and stalls once the claimer stops moving."""
+    import threading
+
+    import pytest
+
+    from dist_xqa.logits.claims import Claims
+    from dist_xqa.logits.manifest import prepare_store
+    from dist_xqa.logits.progress import StoreTimeout
+    from dist_xqa.waiting import Heartbeat
+
+    store, plan = tmp_path / "store", ShardPlan(FEATURES, shard_size=32, seed=0)
+    prepare_store(store, manifest_of(plan))
+    (store / "en").mkdir()  # as a producer of the teacher finds it
+    first = plan.shard_at(plan.global_index(0, 0))
+    claimer = Heartbeat(tmp_path / "other_run" / "logits" / "en" / "heartbeat.json", "producer/en")
+    claims = Claims(store / "en", claimer, stall_timeout_s=30.0)
+    assert claims.claim(first)
+
+    def reader() -> StoreReader:
+        return StoreReader(store, ["en"], plan, manifest_of(plan), 1.0, "cache", lookahead=1,
+                           stream_dir=tmp_path / "this_run" / "logits")
+
+    def other_run(beats: int, then_fill: bool) -> None:
+        for step in range(beats):  # computing: its step moves, several times the stall timeout
+            claimer.beat(step, force=True)
+            time.sleep(0.2)
+        if then_fill:
+            claims.release(first)
+            fill(store, tmp_path / "other_run" / "logits", plan)
+
+    worker = threading.Thread(target=other_run, args=(15, True))
+    worker.start()
+    logits = reader().get(0, 0)  # 3 s of waiting under a 1 s stall timeout
+    worker.join()
+    assert logits.feature_ids.tolist() == plan.features(first)
+
+    # the same wait on a claimer that stopped moving: a stall naming the store
+    stalled = tmp_path / "stalled"
+    prepare_store(stalled, manifest_of(plan))
+    (stalled / "en").mkdir()
+    Claims(stalled / "en", claimer, stall_timeout_s=30.0).claim(first)
+    claimer.beat(99, force=True)
+    late = StoreReader(stalled, ["en"], plan, manifest_of(plan), 1.0, "cache", lookahead=1,
+                       stream_dir=tmp_path / "this_run2" / "logits")
+    with pytest.raises(StoreTimeout, match="no heartbeat has moved"):
+        late.get(0, 0)

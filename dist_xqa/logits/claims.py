@@ -42,6 +42,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def claimer_heartbeats(teacher_dir: Path, shards) -> list[Path]:
+    """The heartbeat files of the producers (of any run) holding a claim on `shards`:
+    a reader waiting for those shards waits on their progress too."""
+    found = []
+    for shard in shards:
+        holder = Claims._holder(claim_path(Path(teacher_dir), shard))
+        if holder and holder.get("heartbeat"):
+            found.append(Path(holder["heartbeat"]))
+    return found
+
+
 class Claims:
     """A producer's claims on the shards of one teacher directory; `heartbeat` is the
     producer's own (named in its claims, so that others judge them by it)."""

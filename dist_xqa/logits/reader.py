@@ -38,6 +38,7 @@ from typing import Generic, NamedTuple, TypeVar
 
 import torch
 
+from dist_xqa.logits.claims import claimer_heartbeats
 from dist_xqa.logits.manifest import MANIFEST_NAME, Manifest, read_manifest
 from dist_xqa.logits.order import ShardPlan
 from dist_xqa.logits.progress import (StoreTimeout, StudentProgress, owner_heartbeats, producer_heartbeats,
@@ -170,7 +171,8 @@ class StoreReader:
                 waiting_since = waiting_since or now
                 if missing != watching:  # a file arrived (progress) or the first wait: watch anew
                     watching, watch = missing, self._watch(f"shard {shard} (epoch {epoch}, position {position})",
-                                                           missing, [index])
+                                                           missing, [index],
+                                                           self.blocks(shard) if missing != [MANIFEST_NAME] else ())
                 watch.check(self._what(missing))
                 if self.heartbeat is not None:
                     self.heartbeat.beat(state=WAITING, epoch=epoch, position=position, shard=shard)
@@ -257,17 +259,20 @@ class StoreReader:
             self._cache.popitem(last=False)
         return data
 
-    def _watch(self, waiting_for: str, missing: list[str], indices: list[int]) -> StallWatch:
+    def _watch(self, waiting_for: str, missing: list[str], indices: list[int], blocks=()) -> StallWatch:
         """Watches the producer parts of the `missing` teachers that owe the shards at the
         run-wide `indices` (every producer of every teacher while the store has no
-        manifest). Only a part's progress counts: another part's beats, or the owner's
-        idle beats (it believes it has nothing to write), do not keep the wait alive."""
+        manifest), and whoever holds a claim on the awaited layout shards `blocks` (in a
+        shared store, maybe another run's producer: this run's owner then idles). Only a
+        part's progress counts: another part's beats, or the owner's idle beats (it
+        believes it has nothing to write), do not keep the wait alive."""
         if missing == [MANIFEST_NAME]:
             teachers = self.teachers
             paths = lambda: [p for t in teachers for p in producer_heartbeats(self.stream, t)]  # noqa: E731
         else:
             teachers = missing
-            paths = lambda: [p for t in teachers for p in owner_heartbeats(self.stream, t, indices)]  # noqa: E731
+            paths = lambda: [p for t in teachers for p in  # noqa: E731
+                             owner_heartbeats(self.stream, t, indices) + claimer_heartbeats(self.store / t, blocks)]
         return StallWatch(paths, self.stall_timeout_s, f"logit store {self.store}: {waiting_for}",
                           expected=[producer_role(t) for t in teachers], error=StoreTimeout, count_idle=False)
 
@@ -293,7 +298,8 @@ class StoreReader:
                 # the absent shards there say which parts owe them.
                 owed = [i for i, shard in enumerate(self.plan.order(0))
                         if self._layout is None or absent.intersection(self.blocks(shard))]
-                watching, watch = (missing, absent), self._watch("the precompute of every shard", missing, owed)
+                watching, watch = (missing, absent), self._watch("the precompute of every shard", missing, owed,
+                                                                 sorted(absent))
             watch.check(self._what(missing))
             if beat is not None:
                 beat()
