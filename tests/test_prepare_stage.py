@@ -46,6 +46,34 @@ def test_parallel_tokenisation_gives_the_features_of_one_process_and_beats_per_c
     assert again.to_dict() == one.to_dict() and len(beats) == 5, "read from the cache, not tokenised again"
 
 
+PARALLEL_UNDER_STOP_HANDLERS = """
+import sys
+from pathlib import Path
+from dist_xqa.data import features
+from dist_xqa.data.features import TokenizerSettings, build_features
+from dist_xqa.data.tokenizer import ensure_tokenizer
+from dist_xqa.waiting import install_stop_signal
+from tests.test_prepare_stage import examples
+
+install_stop_signal()  # as the trainer does before it prepares the data
+exs = examples(23)
+tok = ensure_tokenizer(Path(sys.argv[1]), [t for ex in exs for t in (ex.question, ex.context)], vocab_size=300)
+features.CHUNK_EXAMPLES = 5
+for _ in range(3):
+    build_features(exs, tok, TokenizerSettings.from_tokenizer(tok, "toy", 32, 8), num_proc=4)
+print("done")
+"""
+
+
+def test_parallel_tokenisation_ends_in_a_process_that_handles_stop_signals(tmp_path):
+    """The trainer catches SIGTERM to checkpoint; the pool's workers, forked from it, must
+    still die of the SIGTERM the pool ends them with (a worker that caught it waited for
+    the pool's queue lock forever: the demo hung in its data preparation)."""
+    done = subprocess.run([sys.executable, "-c", PARALLEL_UNDER_STOP_HANDLERS, str(tmp_path / "tok")],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-3000:]
+
+
 # --- start-up: model.name ------------------------------------------------------------------
 
 

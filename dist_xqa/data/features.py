@@ -17,6 +17,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -286,6 +287,12 @@ _worker: tuple[PreTrainedTokenizerBase, TokenizerSettings] | None = None  # a po
 def _set_worker(tokenizer: PreTrainedTokenizerBase, settings: TokenizerSettings) -> None:
     global _worker
     _worker = (tokenizer, settings)
+    # A forked worker inherits the trainer's stop handlers (SIGTERM and USR1 ask for a
+    # checkpoint, dist_xqa.waiting), but it has nothing to save, and the pool stops its
+    # workers with SIGTERM while it holds their task queue's lock: a worker that caught
+    # the signal instead of dying would wait for that lock, and the pool for it, forever.
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def _tokenize_in_worker(chunk: dict[str, list]) -> dict[str, list]:
@@ -304,9 +311,15 @@ def _tokenizing_pool(tokenizer: PreTrainedTokenizerBase, settings: TokenizerSett
     if procs <= 1:
         yield lambda batches: (_tokenize(batch, tokenizer, settings) for batch in batches)
         return
-    with multiprocessing.get_context("fork").Pool(procs, initializer=_set_worker,
-                                                  initargs=(tokenizer, settings)) as pool:
+    pool = multiprocessing.get_context("fork").Pool(procs, initializer=_set_worker, initargs=(tokenizer, settings))
+    try:
         yield lambda batches: pool.imap(_tokenize_in_worker, batches)
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        raise
+    pool.close()  # every chunk done: the workers leave on their own
+    pool.join()
 
 
 def save_features(ds: datasets.Dataset, settings: TokenizerSettings, directory: str | os.PathLike) -> None:
