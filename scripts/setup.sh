@@ -50,6 +50,10 @@ PY="$VENV/bin/python"
 case $VENV in /*) venv_path=$VENV ;; *) venv_path=$PWD/$VENV ;; esac
 [ -x "$PY" ] && ASK_PY=$PY || ASK_PY=$BASE_PY
 
+# What pip's configured sources offer of torch, read whole before it is searched: under
+# pipefail, `pip ... | grep -q` fails whenever grep stops reading before pip stops writing.
+pip_versions() { "$ASK_PY" -m pip index versions torch 2>/dev/null || true; }
+
 # Where torch comes from. The CUDA build is what the default index (PyPI) serves for
 # Linux, with its nvidia-* wheels and the triton it was built with. The CPU build is a
 # "+cpu" release: pip's own sources may hold it (a local wheel or mirror: then a plain
@@ -60,7 +64,7 @@ if [ -n "${TORCH_INDEX_URL:-}" ]; then
   torch_args=(--index-url "$TORCH_INDEX_URL"); source_why="TORCH_INDEX_URL"
 elif [ "$build" = cuda ]; then
   source_why="the default index's build, with its nvidia-* wheels and triton"
-elif "$ASK_PY" -m pip index versions torch 2>/dev/null | grep -qE "[ ,]${TORCH_VERSION//./\\.}\+cpu(,|$)"; then
+elif grep -qE "[ ,]${TORCH_VERSION//./\\.}\+cpu(,|$)" <<<"$(pip_versions)"; then
   source_why="pip's configured sources hold torch $TORCH_VERSION+cpu"
 else
   torch_args=(--index-url "$CPU_INDEX"); source_why="PyTorch's CPU index (the default index's Linux torch is the CUDA build)"
