@@ -168,8 +168,12 @@ class RunLayout:
     def trace_file(self, rank: int) -> Path:
         return self.trace / f"{STUDENT}.{rank}.jsonl"
 
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tb"
+
     def tb(self, role: str) -> Path:
-        return self.root / "tb" / role
+        return self.tensorboard / role
 
     # -- what each stage makes, as globs relative to the run (dist_xqa.stages removes them)
     def relative(self, path: Path) -> str:
@@ -193,4 +197,4 @@ class RunLayout:
 
     def stage_outputs_hidden(self) -> tuple[str, ...]:
         """Prefixes of the outputs a user does not look for (named in no message)."""
-        return (self.heartbeats.name + "/", self.relative(self.tb("_").parent), self.stages.name + "/")
+        return (self.heartbeats.name + "/", self.relative(self.tensorboard), self.stages.name + "/")

@@ -248,29 +248,36 @@ def test_group_loop_keeps_the_newest_checkpoints_and_resumes_from_them(tmp_path)
     assert "student: removed checkpoint(s) step4, step99 (checkpoint.keep = 2)" in (tmp_path / "rank0.log").read_text()
 
 
+def signal_loop_worker(tmp_path: Path, args: list[str], ready, signum: int) -> tuple[int, str, Path]:
+    """Runs tests/loop_worker.py on 2 ranks under torchrun, sends `signum` to rank 1 once its
+    heartbeat satisfies `ready(beat)`, and returns (exit status, output, heartbeat file)."""
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "tests" / "loop_worker.py"), "--out", str(tmp_path), *args]
+    job = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    beat = tmp_path / "heartbeats" / "student.1.json"
+    try:
+        deadline = time.monotonic() + 300
+        while not beat.exists() or not ready(json.loads(beat.read_text())):
+            assert job.poll() is None and time.monotonic() < deadline, job.stdout.read()[-4000:]
+            time.sleep(0.05)
+        os.kill(json.loads(beat.read_text())["pid"], signum)
+        output = job.communicate(timeout=300)[0]
+    finally:
+        job.kill()
+    return job.returncode, output, beat
+
+
 def test_sigusr1_checkpoints_the_group_at_one_step_and_a_rerun_resumes_there(tmp_path):
     """Slurm's USR1 before the time limit reaches each rank at its own moment (here only
     rank 1 gets it): the group agrees on one step, checkpoints it outside the schedule,
     exits 0 with the heartbeat saying `stopped`; the same command then finishes."""
     loop_worker = ROOT / "tests" / "loop_worker.py"
-    bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     args = ["--epochs", "1", "--steps", "200", "--every", "1000", "--step-sleep", "0.05"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(loop_worker),
-               "--out", str(tmp_path), *args]
-    job = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    beat = tmp_path / "heartbeats" / "student.1.json"
-    try:
-        deadline = time.monotonic() + 300
-        while not beat.exists() or json.loads(beat.read_text())["step"] < 5:
-            assert job.poll() is None and time.monotonic() < deadline, job.stdout.read()[-4000:]
-            time.sleep(0.05)
-        os.kill(json.loads(beat.read_text())["pid"], signal.SIGUSR1)
-        output = job.communicate(timeout=300)[0]
-    finally:
-        job.kill()
-    assert job.returncode == 0, output[-4000:]
+    returncode, output, beat = signal_loop_worker(tmp_path, args, lambda b: b["step"] >= 5, signal.SIGUSR1)
+    assert returncode == 0, output[-4000:]
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all("stopped by a signal at global step" in r["preempted"] for r in records)
     assert records[0]["preempted"] == records[1]["preempted"], "both ranks stop at the same step"

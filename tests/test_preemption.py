@@ -8,14 +8,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from test_group_engines import ROOT, run_world, tags_on_disk
+from test_group_engines import ROOT, run_world, signal_loop_worker, tags_on_disk
 
 EVAL_ROWS = 200  # 25 batches of 4 per rank
 STEPS = 3
@@ -24,25 +20,11 @@ STEPS = 3
 @pytest.mark.slow
 def test_sigterm_during_the_dev_evaluation_checkpoints_and_the_rerun_evaluates_again(tmp_path):
     loop_worker = ROOT / "tests" / "loop_worker.py"
-    bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     args = ["--epochs", "2", "--steps", str(STEPS), "--every", "1000", "--eval-rows", str(EVAL_ROWS)]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(loop_worker),
-               "--out", str(tmp_path), *args, "--eval-sleep", "0.2"]
-    job = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    beat = tmp_path / "heartbeats" / "student.1.json"
-    try:
-        # The first epoch's evaluation is under way: its heartbeat counts batches.
-        deadline = time.monotonic() + 300
-        while not beat.exists() or json.loads(beat.read_text()).get("detail", {}).get("batches", 0) < 2:
-            assert job.poll() is None and time.monotonic() < deadline, job.stdout.read()[-4000:]
-            time.sleep(0.05)
-        os.kill(json.loads(beat.read_text())["pid"], signal.SIGTERM)
-        output = job.communicate(timeout=300)[0]
-    finally:
-        job.kill()
-    assert job.returncode == 0, output[-4000:]
+    # once the first epoch's evaluation is under way: its heartbeat counts batches
+    returncode, output, beat = signal_loop_worker(tmp_path, [*args, "--eval-sleep", "0.2"],
+                                                  lambda b: b.get("detail", {}).get("batches", 0) >= 2, signal.SIGTERM)
+    assert returncode == 0, output[-4000:]
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for record in records:
         assert record["preempted"].startswith("student: stopped by a signal during the evaluation of epoch 1 "

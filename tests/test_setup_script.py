@@ -36,16 +36,16 @@ def checkout(tmp_path: Path) -> Path:
 def path_without_nvidia_smi(tmp_path: Path) -> str:
     """PATH as it is, less any nvidia-smi: a folder of links to every other command on it
     (a GPU host's nvidia-smi sits in /usr/bin beside bash, which must stay reachable)."""
-    farm = tmp_path / "path"
-    farm.mkdir()
+    links = tmp_path / "path"
+    links.mkdir()
     for folder in os.environ["PATH"].split(os.pathsep):
         if not os.path.isdir(folder):
             continue
         for entry in os.scandir(folder):
-            link = farm / entry.name
+            link = links / entry.name
             if entry.name != "nvidia-smi" and not os.path.lexists(link) and os.access(entry.path, os.X_OK):
                 link.symlink_to(entry.path)
-    return str(farm)
+    return str(links)
 
 
 def stand_ins(tmp_path: Path, base_path: str, nvidia_smi: str | None) -> str:

@@ -196,6 +196,7 @@ def test_a_student_waits_on_another_runs_producer_that_claimed_its_shard(tmp_pat
     from dist_xqa.logits.progress import StoreTimeout
     from dist_xqa.waiting import Heartbeat
 
+    STALL_S = 2.0  # noqa: N806
     store, plan = tmp_path / "store", ShardPlan(FEATURES, shard_size=32, seed=0)
     prepare_store(store, manifest_of(plan))
     (store / "en").mkdir()  # as a producer of the teacher finds it
@@ -205,7 +206,7 @@ def test_a_student_waits_on_another_runs_producer_that_claimed_its_shard(tmp_pat
     assert claims.claim(first)
 
     def reader() -> StoreReader:
-        return StoreReader(store, ["en"], plan, manifest_of(plan), 1.0, "cache", lookahead=1,
+        return StoreReader(store, ["en"], plan, manifest_of(plan), STALL_S, "cache", lookahead=1,
                            stream_dir=tmp_path / "this_run" / "logits")
 
     def other_run(beats: int, then_fill: bool) -> None:
@@ -216,9 +217,11 @@ def test_a_student_waits_on_another_runs_producer_that_claimed_its_shard(tmp_pat
             claims.release(first)
             fill(store, tmp_path / "other_run" / "logits", plan)
 
-    worker = threading.Thread(target=other_run, args=(15, True))
+    # 5 s of waiting under a 2 s stall timeout; its own filling producers then hold claims
+    # of their own and beat as they compute
+    worker = threading.Thread(target=other_run, args=(25, True))
     worker.start()
-    logits = reader().get(0, 0)  # 3 s of waiting under a 1 s stall timeout
+    logits = reader().get(0, 0)
     worker.join()
     assert logits.feature_ids.tolist() == plan.features(first)
 
@@ -228,7 +231,7 @@ def test_a_student_waits_on_another_runs_producer_that_claimed_its_shard(tmp_pat
     (stalled / "en").mkdir()
     Claims(stalled / "en", claimer, stall_timeout_s=30.0).claim(first)
     claimer.beat(99, force=True)
-    late = StoreReader(stalled, ["en"], plan, manifest_of(plan), 1.0, "cache", lookahead=1,
+    late = StoreReader(stalled, ["en"], plan, manifest_of(plan), STALL_S, "cache", lookahead=1,
                        stream_dir=tmp_path / "this_run2" / "logits")
     with pytest.raises(StoreTimeout, match="no heartbeat has moved"):
         late.get(0, 0)
