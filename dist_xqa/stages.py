@@ -342,9 +342,15 @@ def _with_later_defaults(recorded: dict | None, defaults: dict[str, Any]) -> dic
     """A record with the keys added to the config since it was written, at their defaults:
     a key is added with a default that computes what the code before it computed, so a
     stage made then was made with the default. A rerun that sets such a key to another
-    value still differs from the record."""
-    return None if recorded is None else {**{k: v for k, v in defaults.items() if not k.startswith("weights.")},
-                                          **recorded}
+    value still differs from the record. A default on the path of a recorded key is no
+    later key: a mapping-valued key that defaults to null (data.train.split) is recorded
+    as its entries when set, and as itself when null."""
+    if recorded is None:
+        return None
+    recorded_paths = {k + "." for k in recorded}
+    later = {k: v for k, v in defaults.items() if not k.startswith("weights.") and k not in recorded
+             and not any(r.startswith(k + ".") or k.startswith(r) for r in recorded_paths)}
+    return {**later, **recorded}
 
 
 def _config_settings(recorded: dict | None) -> dict | None:

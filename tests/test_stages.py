@@ -160,6 +160,20 @@ def test_a_key_added_to_the_config_since_a_record_counts_at_its_default(tmp_path
         stages.check_rerun(load_config(None, [f"run_dir={run_dir}", "distill.tau=1.5"]), set())
 
 
+def test_a_mapping_key_set_in_the_record_is_not_taken_for_a_later_key_at_its_null_default(tmp_path):
+    """data.train.split defaults to null and is recorded as its entries when set: the rerun
+    of the very same command matches its record; a changed range is still refused."""
+    squad = ["data.source=squad", f"data.train.folder={tmp_path}", "data.train.languages=[en, es]"]
+    split = "data.train.split={train: [0, 2], dev: [2, 3], test: [3, 4]}"
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", *squad, split])
+    stages.record(cfg, "teachers")
+    assert "data.train.split.dev" in json.loads((tmp_path / "run" / "stages" / "teachers.json").read_text())["settings"]
+    stages.check_rerun(cfg, set())
+    moved = load_config(None, [f"run_dir={tmp_path / 'run'}", *squad, split.replace("dev: [2, 3]", "dev: [2, 4]")])
+    with pytest.raises(ConfigError, match=r"data\.train\.split\.dev: \[2, 3\] -> \[2, 4\]"):
+        stages.check_rerun(moved, set())
+
+
 def test_check_rerun_refuses_then_redo_removes_exactly_the_student_and_what_follows(tmp_path):
     run_dir = tmp_path / "run"
     files = fake_run(run_dir)
