@@ -90,3 +90,11 @@ def model_dirs(cfg: RunConfig) -> list[Path]:
     """Every model the run makes: its phase-1 models, then the student."""
     layout = RunLayout(cfg.run_path)
     return list(phase1_dirs(cfg).values()) + ([layout.student] if trains_student(cfg) else [])
+
+
+def store_options(cfg: RunConfig) -> dict:
+    """The parts of the logit store's key (logits.Manifest) that the config sets: the
+    logits' dtype, their top-k, and the placebo's shuffle seed. The rest of the key are the
+    features and the teachers' weights."""
+    kd = cfg.distill
+    return {"dtype": kd.logits_dtype, "topk": kd.store_topk, "placebo": cfg.seed if kd.placebo_shuffle else None}

@@ -189,7 +189,9 @@ class RunLayout:
         return [self.relative(model_dir), *self.role_outputs(self.model_name(model_dir))]
 
     def distill_outputs(self) -> list[str]:
-        return [self.relative(self.student), *self.role_outputs(STUDENT)[:1], self.relative(self.store),
+        """The student and what its training leaves (not the logit store: stages.py decides
+        whether it goes with the student)."""
+        return [self.relative(self.student), *self.role_outputs(STUDENT)[:1],
                 self.relative(self.skd), *self.role_outputs(STUDENT)[1:], self.relative(self.trace)]
 
     def eval_outputs(self) -> list[str]:

@@ -2,10 +2,18 @@
 
 A run's stages, each depending on the ones before it:
 
-- teachers: phase 1's models (`teachers/<name>/` or `models/<name>/`) and their checkpoints;
-- distill: phase 2's student (`student/`), its checkpoints, the logit store (`logits/`)
-  and self-distillation's teacher snapshots (`skd/`);
+- teachers: phase 1's models (`teachers/<name>/` or `models/<name>/`), their checkpoints,
+  and the run's logit store (`logits/`): the teachers' logits over D;
+- distill: phase 2's student (`student/`), its checkpoints, its pacing files in `logits/`
+  and self-distillation's teacher snapshots (`skd/`), with SKD's store (its teachers are
+  the student's own generations);
 - evaluate: the results (`eval/`).
+
+`--redo distill` keeps the run's logit store when it still serves this run (the logits do not
+depend on the student; the teachers' weights, dtype, top-k and placebo seed are checked
+against its manifest, the features as it opens) and removes it otherwise, saying why.
+`--redo store` drops it on its own: its rows are computed again as the student needs them.
+A store shared through `distill.store_dir` is never removed by a rerun.
 
 Each stage records the settings it depends on in `stages/<stage>.json` (flat dotted config
 keys, and for distill the weight hash of every phase-1 model; not inside the model
@@ -49,14 +57,16 @@ from typing import Any
 
 from dist_xqa.config import ConfigError, RunConfig, load_config
 from dist_xqa.files import read_json, write_json
-from dist_xqa.jobs import STUDENT_STRATEGIES, phase1_dirs
+from dist_xqa.jobs import STUDENT_STRATEGIES, phase1_dirs, store_options
 from dist_xqa.layout import RunLayout
-from dist_xqa.logits.manifest import hash_checkpoint
+from dist_xqa.logits.manifest import Manifest, StoreMismatchError, hash_checkpoint, read_manifest
+from dist_xqa.logits.progress import PACING_GLOBS
 from dist_xqa.waiting import wait_for_run_files
 
 log = logging.getLogger(__name__)
 
 STAGES = ("teachers", "distill", "evaluate")  # in dependency order
+STORE = "store"  # --redo store: drop the run's own logit store
 NOT_TRAINED = "(not trained)"  # a phase-1 model the student learnt from that is gone
 UNSET = "(unset)"
 
@@ -202,13 +212,57 @@ def model_outputs(cfg: RunConfig) -> dict[str, list[str]]:
 def stage_outputs(cfg: RunConfig, stage: str) -> list[str]:
     """What `stage` produces, as paths (globs) relative to the run directory, its record last."""
     layout = RunLayout(cfg.run_path)
-    if stage == "teachers":  # the models first, then their checkpoints...
-        made = [path for kind in zip(*sorted(model_outputs(cfg).values())) for path in kind]
+    store = layout.relative(layout.store)
+    if stage == "teachers":  # the models first, then their checkpoints..., then their logits
+        made = [path for kind in zip(*sorted(model_outputs(cfg).values())) for path in kind] + [store]
     elif stage == "distill":
-        made = layout.distill_outputs()
+        made = layout.distill_outputs() + _pacing_outputs(layout) + ([store] if cfg.strategy.name == "skd" else [])
     else:
         made = layout.eval_outputs()
     return made + [str(layout.stage_record(stage).relative_to(layout.root))]
+
+
+def _pacing_outputs(layout: RunLayout) -> list[str]:
+    """The student's progress and its producers' heartbeats (dist_xqa.logits.progress)."""
+    return [f"{layout.relative(layout.stream)}{name}" for name in PACING_GLOBS]
+
+
+def _hidden(layout: RunLayout) -> tuple[str, ...]:
+    return layout.stage_outputs_hidden() + tuple(_pacing_outputs(layout))
+
+
+def store_differences(cfg: RunConfig) -> list[str]:
+    """Why the run's own logit store (at its default place) would not serve this run: the
+    parts of its manifest's key that this run's phase-1 models and config give otherwise
+    (teachers' weights, dtype, top-k, placebo seed); [] when they match or there is no
+    store. The features and tokenizer come from the prepared data: checked as it opens."""
+    try:
+        found = read_manifest(RunLayout(cfg.run_path).store)
+    except StoreMismatchError as e:
+        return [str(e)]
+    if found is None:
+        return []
+    expected = Manifest(found.features_hash, found.tokenizer, phase1_weights(cfg), found.shard_size, found.seed,
+                        generation=found.generation, **store_options(cfg))
+    return expected.differences(found)
+
+
+def _store_to_drop(cfg: RunConfig, asked: bool, to_redo: list[str], models: list[str]) -> str | None:
+    """Why the run's own logit store goes with this rerun (None: it stays): asked for,
+    its teachers retrained, or no longer matching this run's student. Stages whose outputs
+    hold it (teachers; distill for SKD) remove it themselves."""
+    if asked:
+        if cfg.distill.store_dir:
+            raise ConfigError(f"--redo {STORE}: this run's logits are in distill.store_dir {cfg.distill.store_dir}, "
+                              "which runs share; remove it yourself once no run reads it")
+        return f"--redo {STORE}"
+    if "teachers" in to_redo or cfg.distill.store_dir or cfg.strategy.name == "skd":
+        return None
+    if models:
+        return f"its logits are those of {', '.join(models)}, retrained now"
+    if "distill" in to_redo and (differences := store_differences(cfg)):
+        return "it does not match this run: " + "; ".join(differences)
+    return None
 
 
 def phase1_weights(cfg: RunConfig) -> dict[str, str]:
@@ -220,18 +274,19 @@ def phase1_weights(cfg: RunConfig) -> dict[str, str]:
 def redo_targets(cfg: RunConfig, names: set[str]) -> tuple[set[str], list[str]]:
     """(stages, phase-1 models by role name) that `--redo names` names: a stage, or one
     phase-1 model by its role name (teacher_<lang>, model_<name>) or its directory name
-    under teachers/ or models/; ConfigError listing the valid names for any other."""
+    under teachers/ or models/ (and `store`, which check_rerun reads); ConfigError listing
+    the valid names for any other."""
     # role name -> directory name; another run's models (phase1_from) are not this run's to redo
     roles = {} if cfg.phase1_from else dict(zip(_phase1_roles(cfg), _phase1(cfg)))
     models = {**{name: role for role, name in roles.items()}, **{role: role for role in roles}}
-    unknown = sorted(n for n in names if n not in STAGES and n not in models)
+    unknown = sorted(n for n in names if n not in STAGES and n not in models and n != STORE)
     if unknown:
-        choices = f"a stage ({', '.join(STAGES)})"
+        choices = f"a stage ({', '.join(STAGES)}), {STORE} (the run's logit store)"
         if roles:
             choices += (f" or a phase-1 model ({', '.join(roles)}, or by its directory: "
                         f"{', '.join(str(d.relative_to(cfg.run_path)) for d in _phase1(cfg).values())})")
         raise ConfigError(f"--redo {', '.join(unknown)}: not a stage or model of this run; choose {choices}")
-    return {n for n in names if n in STAGES}, sorted({models[n] for n in names if n not in STAGES})
+    return {n for n in names if n in STAGES}, sorted({models[n] for n in names if n not in STAGES and n != STORE})
 
 
 def check_rerun(cfg: RunConfig, redo: set[str]) -> None:
@@ -244,6 +299,7 @@ def check_rerun(cfg: RunConfig, redo: set[str]) -> None:
     every model); the teachers' record stays, so a changed teacher key still needs
     `--redo teachers`."""
     redo_stages, models = redo_targets(cfg, redo)
+    drop_store = STORE in redo
     check_phase1_from(cfg)
     names = stage_names(cfg, list(_phase1(cfg)))
     recorded = {s: _config_settings((read_json(record_path(cfg, s)) or {}).get("settings")) for s in names}
@@ -253,13 +309,19 @@ def check_rerun(cfg: RunConfig, redo: set[str]) -> None:
     outputs = {s: stage_outputs(cfg, s) for s in names}
     after_teachers = {STAGES[STAGES.index("teachers") + 1]} if models else set()
     layout = RunLayout(cfg.run_path)
-    to_redo, refusal = decide(recorded, current, redo_stages | after_teachers, outputs, layout.stage_outputs_hidden())
+    to_redo, refusal = decide(recorded, current, redo_stages | after_teachers, outputs, _hidden(layout))
     if refusal:
         raise ConfigError(f"{cfg.run_path}: {refusal}")
     redone_models = {} if "teachers" in to_redo else {role: model_outputs(cfg)[role] for role in models}
-    for what, patterns in [*redone_models.items(), *((stage, outputs[stage]) for stage in to_redo)]:
+    removals = [*redone_models.items(), *((stage, outputs[stage]) for stage in to_redo)]
+    if why := _store_to_drop(cfg, drop_store, to_redo, models):
+        removals.append((f"{STORE} ({why})", [layout.relative(layout.store)]))
+    elif "distill" in to_redo and layout.store.exists() and not cfg.distill.store_dir:
+        log.info("--redo distill: the logit store %s is kept: its logits do not depend on the student "
+                 "(--redo %s drops it)", layout.store, STORE)
+    for what, patterns in removals:
         removed = [p for pattern in patterns for p in sorted(cfg.run_path.glob(pattern.rstrip("/")))]
-        if what == to_redo[0] and what != "evaluate" and _prepared_is_stale(cfg):
+        if to_redo and what == to_redo[0] and what != "evaluate" and _prepared_is_stale(cfg):
             removed.append(layout.prepared)
         for path in removed:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
@@ -383,7 +445,7 @@ def batch_change(cfg: RunConfig, batches: dict[str, dict[str, int]]) -> str | No
         if made and not _stage_finished(cfg, stage):
             recorded[stage], current[stage] = made, _batch_settings(stage, groups)
     _, refusal = decide(recorded, current, set(), {s: stage_outputs(cfg, s) for s in names},
-                        RunLayout(cfg.run_path).stage_outputs_hidden())
+                        _hidden(RunLayout(cfg.run_path)))
     return refusal and (f"{cfg.run_path}: {refusal}\nWith a null global_batch_size a step's rows change with "
                         "the number of ranks: set teacher/student.global_batch_size to keep them on any.")
 

@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--redo", type=_redo_names, default=frozenset(), metavar="NAME[,NAME]",
                    help=f"remove and redo these stages ({', '.join(stages.STAGES)}) and the ones after them, "
                         "e.g. after changing a setting they were made with; or phase-1 models (teacher_<lang>, "
-                        "model_<name>, or their directory names): those alone, and every stage after phase 1")
+                        "model_<name>, or their directory names): those alone, and every stage after phase 1; or "
+                        "store: the run's logit store alone (--redo distill keeps it while it matches)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. student.epochs=2 run_dir=/tmp/r")
     return p.parse_intermixed_args(argv)  # options may follow key=value overrides

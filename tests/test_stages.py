@@ -135,8 +135,11 @@ def fake_run(run_dir: Path) -> dict[Path, str]:
         (run_dir / "checkpoints" / f"teacher_{lang}").mkdir(parents=True)
         (run_dir / "checkpoints" / f"teacher_{lang}" / "latest").write_text("global_step3")
     stages.record(cfg, "teachers")
+    store = Manifest.for_plan(ShardPlan(range(8), shard_size=4, seed=0), "tok", stages.phase1_weights(cfg))
+    prepare_store(run_dir / "logits", store)
     for path in ("student/model.safetensors", "student/DONE.json", "checkpoints/student/latest",
-                 "logits/manifest.json", "skd/teacher_gen0/config.json", "eval/student.json",
+                 "logits/en/shard_000000.pt", "logits/progress.json", "logits/en/heartbeat.json",
+                 "skd/teacher_gen0/config.json", "eval/student.json",
                  "heartbeats/student.0.json", "heartbeats/teacher_en.0.json", "tb/student/events.out.tfevents.1",
                  "tb/teacher_en/events.out.tfevents.1", "tb/eval/events.out.tfevents.1", "trace/student.0.jsonl"):
         (run_dir / path).parent.mkdir(parents=True, exist_ok=True)
@@ -189,11 +192,69 @@ def test_check_rerun_refuses_then_redo_removes_exactly_the_student_and_what_foll
     kept = {p: h for p, h in files.items() if p.exists()}
     gone = sorted(str(p.relative_to(run_dir)) for p in set(files) - set(kept))
     assert gone == ["checkpoints/student/latest", "eval/student.json", "heartbeats/student.0.json",
-                    "logits/manifest.json", "skd/teacher_gen0/config.json", "stages/distill.json",
-                    "stages/evaluate.json", "student/DONE.json", "student/model.safetensors",
+                    "logits/en/heartbeat.json", "logits/progress.json", "skd/teacher_gen0/config.json",
+                    "stages/distill.json", "stages/evaluate.json", "student/DONE.json", "student/model.safetensors",
                     "tb/eval/events.out.tfevents.1", "tb/student/events.out.tfevents.1", "trace/student.0.jsonl"]
     assert all(hashlib.sha256(p.read_bytes()).hexdigest() == h for p, h in kept.items())
+    assert {"logits/manifest.json", "logits/en/shard_000000.pt"} <= {str(p.relative_to(run_dir)) for p in kept}, \
+        "the teachers' logits do not depend on the student: the store stays"
     stages.check_rerun(changed, set())  # the teachers' record still matches: nothing left to refuse
+
+
+def store_files(run_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(run_dir)) for p in (run_dir / "logits").rglob("*") if p.is_file()
+                  and not p.name.startswith("."))
+
+
+@pytest.mark.parametrize("override,part", [("distill.store_topk=8", "topk (None != expected 8)"),
+                                           ("distill.logits_dtype=bfloat16", "dtype ('float16' != expected 'bfloat16')"),
+                                           ("distill.placebo_shuffle=true", "placebo (None != expected 0)")])
+def test_redo_distill_drops_a_store_that_no_longer_matches_the_run_naming_the_part(tmp_path, override, part, caplog):
+    run_dir = tmp_path / "run"
+    fake_run(run_dir)
+    with caplog.at_level("INFO", logger="dist_xqa.stages"):
+        stages.check_rerun(load_config(None, [f"run_dir={run_dir}", override]), {"distill"})
+    assert store_files(run_dir) == []
+    assert part in caplog.text and "--redo store (it does not match this run" in caplog.text
+
+
+def test_redo_distill_drops_the_store_of_a_teacher_changed_since(tmp_path):
+    run_dir = tmp_path / "run"
+    fake_run(run_dir)
+    (run_dir / "teachers" / "de" / "model.safetensors").write_bytes(b"retrained elsewhere")
+    cfg = load_config(None, [f"run_dir={run_dir}"])
+    before = hashlib.sha256(b"model.safetensors\x0064\x00" + bytes([2]) * 64).hexdigest()[:12]
+    now = hashlib.sha256(b"model.safetensors\x0019\x00retrained elsewhere").hexdigest()[:12]
+    assert stages.store_differences(cfg) == [f"teacher 'de' checkpoint (hash {before} != expected {now})"]
+    stages.check_rerun(cfg, {"distill"})
+    assert store_files(run_dir) == []
+
+
+def test_redo_store_drops_the_store_alone_and_refuses_a_shared_one(tmp_path):
+    run_dir = tmp_path / "run"
+    files = fake_run(run_dir)
+    cfg = load_config(None, [f"run_dir={run_dir}"])
+    assert stages.store_differences(cfg) == []
+    stages.check_rerun(cfg, {"store"})
+    gone = sorted(str(p.relative_to(run_dir)) for p in files if not p.exists())
+    assert gone == ["logits/.lock", "logits/en/heartbeat.json", "logits/en/shard_000000.pt", "logits/manifest.json",
+                    "logits/progress.json"], "the store alone; the student and its records stay"
+    shared = load_config(None, [f"run_dir={run_dir}", f"distill.store_dir={tmp_path / 'shared'}"])
+    with pytest.raises(ConfigError, match="--redo store: this run's logits are in distill.store_dir .*shared"):
+        stages.check_rerun(shared, {"distill", "store"})
+
+
+def test_redo_distill_keeps_a_shared_store_and_skd_drops_its_own(tmp_path):
+    run_dir = tmp_path / "run"
+    fake_run(run_dir)
+    shared = tmp_path / "shared"
+    prepare_store(shared, Manifest.for_plan(ShardPlan(range(8), 4, 0), "tok", {"en": "other teachers"}))
+    stages.check_rerun(load_config(None, [f"run_dir={run_dir}", f"distill.store_dir={shared}"]), {"distill"})
+    assert (shared / "manifest.json").exists(), "a shared store is never removed by a rerun"
+    assert "logits/manifest.json" in store_files(run_dir)
+    skd = load_config(SKD)
+    assert "logits/" in stages.stage_outputs(skd, "distill"), "SKD's store holds the student's own generations"
+    assert "logits/" not in stages.stage_outputs(load_config(None), "distill")
 
 
 @pytest.mark.parametrize("change,prepared_kept", [("teacher.lr=1e-4", True), ("data.demo_articles=30", False)])
@@ -237,7 +298,7 @@ def test_the_prepared_data_fingerprint_hashes_exactly_its_key_selection():
 def test_a_store_of_another_run_names_the_redo_that_resets_it(tmp_path):
     plan = ShardPlan(range(8), shard_size=4, seed=0)
     prepare_store(tmp_path, Manifest.for_plan(plan, "tok", {"en": "one"}))
-    with pytest.raises(StoreMismatchError, match="teacher 'en' checkpoint.*rerun the same command with --redo distill"):
+    with pytest.raises(StoreMismatchError, match="teacher 'en' checkpoint.*rerun the same command with --redo store"):
         prepare_store(tmp_path, Manifest.for_plan(plan, "tok", {"en": "two"}))
 
 
@@ -251,8 +312,10 @@ def test_redo_takes_stage_and_model_names_and_refuses_others_listing_the_valid_o
     assert stages.redo_targets(cfg, {"distill", "teacher_en", "de"}) == ({"distill"}, ["teacher_de", "teacher_en"])
     with pytest.raises(ConfigError) as refused:
         stages.redo_targets(cfg, {"student", "teacher_fr", "teacher_en"})
+    assert stages.redo_targets(cfg, {"store", "distill"}) == ({"distill"}, [])
     assert str(refused.value) == ("--redo student, teacher_fr: not a stage or model of this run; choose a stage "
-                                  "(teachers, distill, evaluate) or a phase-1 model (teacher_en, teacher_es, "
+                                  "(teachers, distill, evaluate), store (the run's logit store) or a phase-1 model "
+                                  "(teacher_en, teacher_es, "
                                   "teacher_de, or by its directory: teachers/en, teachers/es, teachers/de)")
     baseline = load_config(None, [f"run_dir={tmp_path}", "strategy.name=mixmrc"])
     assert stages.redo_targets(baseline, {"model_mixmrc"}) == (set(), ["model_mixmrc"])
@@ -273,7 +336,8 @@ def test_redoing_one_teacher_removes_it_and_every_later_stage_and_keeps_the_othe
     gone = sorted(str(p.relative_to(run_dir)) for p in set(files) - set(kept))
     assert gone == ["checkpoints/student/latest", "checkpoints/teacher_es/latest", "eval/student.json",
                     "heartbeats/student.0.json", "heartbeats/teacher_es.0.json", "heartbeats/teacher_es.1.json",
-                    "logits/manifest.json", "skd/teacher_gen0/config.json", "stages/distill.json",
+                    "logits/.lock", "logits/en/heartbeat.json", "logits/en/shard_000000.pt", "logits/manifest.json",
+                    "logits/progress.json", "skd/teacher_gen0/config.json", "stages/distill.json",
                     "stages/evaluate.json", "student/DONE.json", "student/model.safetensors",
                     "tb/eval/events.out.tfevents.1", "tb/student/events.out.tfevents.1", "tb/teacher_es/events.out.1",
                     "teachers/es/DONE.json", "teachers/es/model.safetensors", "trace/student.0.jsonl"]
@@ -296,13 +360,21 @@ def test_redoing_one_teacher_does_not_cover_a_changed_teacher_key(tmp_path):
 def test_a_changed_distill_key_is_refused_then_redo_redoes_only_the_student(tmp_path):
     """The entry point on 2 CPU ranks: a tiny run, then the same command with a changed
     distillation key stops on every rank before any training, naming the key; with
-    --redo distill only the student (and its evaluation) is redone."""
+    --redo distill only the student (and its evaluation) is redone, reading the teachers'
+    logits from the kept store: no teacher forward, no shard file written."""
     from test_pipeline_e2e import QUICK, ROOT, launch, train_command
 
+    from dist_xqa.waiting import read_beat
+
     run_dir = tmp_path / "run"
+    QUICK = (*QUICK, "distill.store_mode=cache")  # the store keeps every shard
     launch(run_dir, *QUICK)
     teachers = {p: p.stat().st_mtime_ns for p in (run_dir / "teachers").rglob("*") if p.is_file()}
     student = (run_dir / "student" / "model.safetensors").stat().st_mtime_ns
+    shards = {p: p.stat().st_mtime_ns for p in (run_dir / "logits").glob("*/shard_*")}
+    computed = lambda: sum(read_beat(p).detail["rows_computed"]  # noqa: E731
+                           for p in (run_dir / "logits").glob("*/heartbeat*.json"))
+    assert shards and computed() > 0
 
     command, env = train_command(run_dir, *QUICK, "distill.lambda_kd=0.7")
     refused = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -314,6 +386,8 @@ def test_a_changed_distill_key_is_refused_then_redo_redoes_only_the_student(tmp_
 
     launch(run_dir, *QUICK, "distill.lambda_kd=0.7", "--redo", "distill")
     assert {p: p.stat().st_mtime_ns for p in teachers} == teachers, "the teachers are untouched"
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "logits").glob("*/shard_*")} == shards
+    assert computed() == 0, "every teacher row came from the kept store"
     assert (run_dir / "student" / "model.safetensors").stat().st_mtime_ns != student
     record = json.loads((run_dir / "stages" / "distill.json").read_text())
     assert record["settings"]["distill.lambda_kd"] == 0.7

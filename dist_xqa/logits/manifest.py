@@ -36,7 +36,8 @@ _TEACHER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # The store belongs to the distill stage: the entry point's --redo removes it with the
 # student it was made for (dist_xqa/stages.py).
-RESET_ADVICE = "to reset it, rerun the same command with --redo distill, which removes it with the student"
+RESET_ADVICE = ("to reset it, rerun the same command with --redo store (a store shared through distill.store_dir: "
+                "remove it once no run reads it)")
 
 
 class StoreMismatchError(RuntimeError):
@@ -118,6 +119,12 @@ class Manifest:
     def check_matches(self, other: Manifest, source: str = "the logit store") -> None:
         """Raises StoreMismatchError naming every part of the key in which `other` (found
         in `source`) differs from this (expected) manifest; the layout may differ."""
+        if differences := self.differences(other):
+            raise StoreMismatchError(f"{source} does not match this run: " + "; ".join(differences)
+                                     + f" ({RESET_ADVICE})")
+
+    def differences(self, other: Manifest) -> list[str]:
+        """Every part of the key in which `other` differs from this (expected) manifest."""
         differences = []
         if other.features_hash != self.features_hash:
             differences.append(f"distillation set features (hash {other.features_hash[:12]} != expected {self.features_hash[:12]})")
@@ -135,9 +142,7 @@ class Manifest:
         for name in ("dtype", "generation", "topk", "placebo"):
             if getattr(other, name) != getattr(self, name):
                 differences.append(f"{name} ({getattr(other, name)!r} != expected {getattr(self, name)!r})")
-        if differences:
-            raise StoreMismatchError(f"{source} does not match this run: " + "; ".join(differences)
-                                     + f" ({RESET_ADVICE})")
+        return differences
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -22,6 +22,8 @@ from dist_xqa.waiting import Stalled
 
 PROGRESS_NAME = "progress.json"
 HEARTBEAT_NAME = "heartbeat.json"
+# A run's own pacing files in its stream folder (layout.stream), apart from the logits.
+PACING_GLOBS = (PROGRESS_NAME, "*/heartbeat*.json")
 _PART_NAME = re.compile(r"heartbeat\.(\d+)of(\d+)\.json")
 
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from dist_xqa.config import RunConfig, batch_for_group
 from dist_xqa.distributed import TrainingGroup
 from dist_xqa.logits import Manifest, ShardPlan, hash_checkpoint
-from dist_xqa.jobs import DISTILL_SET, phase1_dirs
+from dist_xqa.jobs import DISTILL_SET, phase1_dirs, store_options
 from dist_xqa.layout import RunLayout
 from dist_xqa.logits.writer import serve
 from dist_xqa.prepared import Prepared
@@ -47,9 +47,7 @@ def run_phase2(cfg: RunConfig, prepared: Prepared, ds_config: dict, plan: RolePl
     row_of = {f: i for i, f in enumerate(feature_ids)}
     shard_plan = ShardPlan(feature_ids, scfg.micro_batch_size * scfg.grad_accum * plan.student.size, cfg.seed)
     manifest = Manifest.for_plan(shard_plan, prepared.settings.fingerprint(),
-                                 {t: hash_checkpoint(d) for t, d in teacher_dirs.items()},
-                                 dtype=cfg.distill.logits_dtype, topk=cfg.distill.store_topk,
-                                 placebo=cfg.seed if cfg.distill.placebo_shuffle else None)
+                                 {t: hash_checkpoint(d) for t, d in teacher_dirs.items()}, **store_options(cfg))
     producers = rank_producers(cfg, plan, rank, teacher_dirs, features, row_of, shard_plan, manifest, scfg.epochs,
                                device)
     if cfg.distill.precompute:  # the paper's pipeline: every shard of D before the student's first step
