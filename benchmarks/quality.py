@@ -15,7 +15,10 @@ seed 0 first, so that a partial table is already useful), each as
 
 Rows that share teachers with another row of the same seed (`Row.reuse_from`) borrow that
 row's finished teacher (or SKD phase-1) models with `phase1_from=<its run directory>`: the
-trainer uses them as they are, so only what differs is trained.
+trainer uses them as they are, so only what differs is trained. Where the row's logit store
+would hold the same logits as that row's (the same teachers, dtype, top-k and no placebo
+shuffle: shares_store), it also reads that row's store (`distill.store_dir`), so the
+teachers' inference over D runs once per seed; each record counts its teacher forwards.
 
 A row x seed counts as done once the trainer exited 0 and its `eval/summary.json` holds
 every model of the run on every test set, newer than every model (collect()); then its
@@ -43,9 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks import orderings  # noqa: E402
 from benchmarks.runs import (RESULTS_MD, ROOT, Launch, Progress, collect, load_records, record_path,  # noqa: E402
-                             run_queue, teacher_weights, trainer_command, write_atomic, write_section)
+                             run_queue, teacher_forwards, teacher_weights, trainer_command, write_atomic,
+                             write_section)
 from dist_xqa.config import ConfigError, RunConfig, load_config  # noqa: E402
-from dist_xqa.jobs import job_dir, phase1_jobs  # noqa: E402
+from dist_xqa.jobs import job_dir, phase1_jobs, store_options  # noqa: E402
 from dist_xqa.layout import RunLayout  # noqa: E402
 
 GROUPS = ("control", "lbmrc", "xsta", "skd", "topk")  # table order; topk: a storage option, not a method
@@ -269,6 +273,14 @@ def borrowed_models(source_dir: Path, cfg: RunConfig) -> list[str]:
     return [RunLayout.model_name(d) for d in models]
 
 
+def shares_store(cfg: RunConfig, source: RunConfig) -> bool:
+    """Whether a row of `cfg` that borrows `source`'s teachers would compute the very logits
+    `source`'s store holds, so it can read that store (distill.store_dir): both LBMRC over
+    the same teachers, with the same store key (dtype, top-k, no placebo shuffle)."""
+    return (cfg.strategy.name == source.strategy.name == "lbmrc" and cfg.strategy.teachers == source.strategy.teachers
+            and store_options(cfg) == store_options(source) and store_options(cfg)["placebo"] is None)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
@@ -374,6 +386,10 @@ def main(argv=None) -> int:
         reused[key] = borrowed_models(source, cfg) if source else []
         borrow = [f"phase1_from={source}"] if reused[key] else []
         note = f" (reusing {', '.join(reused[key])} of {row.reuse_from})" if reused[key] else ""
+        source_cfg = load_config(args.config, resolve(profile + list(ROWS[row.reuse_from].overrides))) if borrow else None
+        if source_cfg is not None and shares_store(cfg, source_cfg):
+            borrow.append(f"distill.store_dir={RunLayout(source).store}")
+            note = note[:-1] + " and its logit store)"
         return Launch(run_dir, trainer_command(args, resolve(overrides) + [f"seed={seed}"] + borrow, run_dir), note)
 
     def finish(key: tuple[str, int], launch: Launch, rc: int, wall: float, _) -> dict | None:
@@ -385,8 +401,9 @@ def main(argv=None) -> int:
         row, run_dir = ROWS[name], launch.run_dir
         # imp's weights per teacher, read here so that a claim about them cites a record
         weights = {"teacher_weights": w} if (w := teacher_weights(run_dir)) else {}
+        forwards = {"teacher_forwards": f} if (f := teacher_forwards(run_dir)) else {}
         return {"row": name, "seed": seed, "label": row.label, "group": row.group, "overrides": overrides,
-                "wall_s": round(wall, 1), "reused": reused[key], **weights,
+                "wall_s": round(wall, 1), "reused": reused[key], **weights, **forwards,
                 "run_dir": str(run_dir.relative_to(work)) if run_dir.is_relative_to(work) else str(run_dir), **scores}
 
     def done_line(key: tuple[str, int], rec: dict) -> str:

@@ -96,6 +96,20 @@ def teacher_weights(run_dir: Path) -> dict[str, float] | None:
             for tag, values in sorted(logged.items())} or None
 
 
+def teacher_forwards(run_dir: Path) -> dict[str, int] | None:
+    """The teacher rows a run's producers computed and the shard files they wrote
+    (rows_computed, shards_written in their heartbeats, dist_xqa.logits.writer), summed
+    over the run's producers; None for a run without producers. Counts of the producers'
+    last process: a run resumed after a kill counts its last start only."""
+    from dist_xqa.logits.progress import PRODUCER_HEARTBEATS
+    from dist_xqa.waiting import read_beat
+
+    beats = [b for p in sorted(RunLayout(run_dir).stream.glob(PRODUCER_HEARTBEATS)) if (b := read_beat(p))]
+    if not beats:
+        return None
+    return {key: sum(int(b.detail.get(key, 0)) for b in beats) for key in ("rows_computed", "shards_written")}
+
+
 def code_version() -> str:
     """The trainer code a run used: git HEAD and a hash of the package's sources as they are
     on disk (uncommitted changes included), so that rows made by different code show."""

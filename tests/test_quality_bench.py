@@ -221,3 +221,26 @@ def test_the_record_of_a_run_holds_the_mean_teacher_weights_its_student_logged(t
             writer.add_scalar("student/kd", 9.0, step)
         writer.close()
     assert teacher_weights(tmp_path) == {"de": 0.5, "en": pytest.approx(0.25)}
+
+
+def test_rows_read_their_sources_store_exactly_when_it_holds_their_logits():
+    """A row on its source's teachers reads that row's logit store unless its logits would
+    differ: another top-k or dtype, placebo-shuffled rows, another teacher set."""
+    demo = ROOT / "configs" / "demo.yaml"
+    source = load_config(demo, list(quality.ROWS[quality.LBMRC].overrides))
+    sharing = {name for name, row in quality.ROWS.items() if row.reuse_from == quality.LBMRC
+               and quality.shares_store(load_config(demo, list(row.overrides)), source)}
+    assert sharing == {"lbmrc_kd0", "lbmrc_hyper", "lbmrc_imp_s+1"}
+
+
+def test_teacher_forwards_sum_the_producers_last_heartbeats(tmp_path):
+    from benchmarks.runs import teacher_forwards
+    from dist_xqa.waiting import Heartbeat
+
+    assert teacher_forwards(tmp_path) is None  # no producers: a baseline
+    for teacher, part, rows in (("en", "heartbeat.json", 40), ("de", "heartbeat.0of2.json", 24),
+                                ("de", "heartbeat.1of2.json", 16)):
+        beat = Heartbeat(tmp_path / "logits" / teacher / part, f"producer_{teacher}", interval_s=0)
+        beat.beat(1, rows_computed=rows - 8, shards_written=1)
+        beat.beat(2, rows_computed=rows, shards_written=2, force=True)
+    assert teacher_forwards(tmp_path) == {"rows_computed": 80, "shards_written": 6}

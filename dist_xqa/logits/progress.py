@@ -22,8 +22,9 @@ from dist_xqa.waiting import Stalled
 
 PROGRESS_NAME = "progress.json"
 HEARTBEAT_NAME = "heartbeat.json"
+PRODUCER_HEARTBEATS = "*/heartbeat*.json"  # every producer's, under the stream folder
 # A run's own pacing files in its stream folder (layout.stream), apart from the logits.
-PACING_GLOBS = (PROGRESS_NAME, "*/heartbeat*.json")
+PACING_GLOBS = (PROGRESS_NAME, PRODUCER_HEARTBEATS)
 _PART_NAME = re.compile(r"heartbeat\.(\d+)of(\d+)\.json")
 
 
