@@ -59,7 +59,6 @@ import os
 import platform
 import resource
 import shutil
-import signal
 import statistics
 import sys
 import threading
@@ -68,8 +67,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.runs import (RESULTS_MD, ROOT, Launch, Progress, collect, load_records, run_queue,  # noqa: E402
-                             scalar_values, trainer_command, write_atomic, write_section)
+from benchmarks.runs import (RESULTS_MD, ROOT, Launch, Progress, collect, load_records, run_queue, scalar_values,  # noqa: E402
+                             start_benchmark, trainer_command, write_atomic, write_section)
 from dist_xqa.config import load_config  # noqa: E402
 from dist_xqa.disk import directory_bytes  # noqa: E402
 from dist_xqa.layout import STUDENT, RunLayout  # noqa: E402
@@ -364,9 +363,7 @@ def describe(args, overrides: list[str], gpu: str | None) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # through run_trainer's clean-up
-    args.out = args.out.resolve()
-    work = (args.work or ROOT / "runs" / args.out.name).resolve()
+    work = start_benchmark(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if unknown := [m for m in modes if m not in MODES]:
@@ -383,8 +380,6 @@ def main(argv=None) -> int:
                 "omp_num_threads": threads, "gpu": gpu,
                 "modes": {mode: list(opts) for mode, opts in MODES.items()}, "seeds": seeds,
                 "description": f"{describe(args, common, gpu)} Each rank runs OMP_NUM_THREADS={threads} intra-op thread(s)."}
-    args.out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
     records = load_records(args.out, key="mode")
     # A record made with other settings (--set, or MODES changed since) is no run of these:
     # never paired with them, so OUT must be another folder.

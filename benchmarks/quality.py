@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,8 +44,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks import orderings  # noqa: E402
-from benchmarks.runs import (RESULTS_MD, ROOT, Launch, Progress, collect, load_records, record_path,  # noqa: E402
-                             run_queue, teacher_forwards, teacher_weights, trainer_command, write_atomic,
+from benchmarks.runs import (RESULTS_MD, ROOT, Launch, Progress, collect, load_records, record_path, run_queue,  # noqa: E402
+                             start_benchmark, teacher_forwards, teacher_weights, trainer_command, write_atomic,
                              write_section)
 from dist_xqa.config import ConfigError, RunConfig, load_config  # noqa: E402
 from dist_xqa.jobs import job_dir, phase1_jobs, store_options  # noqa: E402
@@ -340,10 +339,7 @@ def describe_budget(cfg: RunConfig, args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # through run_trainer's clean-up
-    args.out = args.out.resolve()
-    work = (args.work or ROOT / "runs" / args.out.name).resolve()
-    args.out.mkdir(parents=True, exist_ok=True)
+    work = start_benchmark(args)
     profile = PROFILES.get((args.config.stem, args.scale), []) + args.overrides
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = select_rows(args.rows)
@@ -355,7 +351,6 @@ def main(argv=None) -> int:
         except ConfigError as err:
             skipped[name] = str(err)
     records = load_records(args.out)
-    work.mkdir(parents=True, exist_ok=True)
     progress = Progress(work, records)  # machine-specific lines stay beside the runs
     budget = describe_budget(load_config(args.config, resolve(profile)), args)
     progress.say(budget)

@@ -156,6 +156,18 @@ def write_section(results_md: Path, key: str, title: str, body: str, tool: str =
     write_atomic(results_md, text)
 
 
+def start_benchmark(args) -> Path:
+    """A benchmark's start: SIGTERM ends it through run_trainer's clean-up (the launcher and
+    its ranks stop with it); `args.out` resolved and made; returns the folder of its run
+    directories, `args.work` or runs/<name of --out> (git-ignored), made."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    args.out = args.out.resolve()
+    work = (args.work or ROOT / "runs" / args.out.name).resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
 def free_port() -> int:
     """A port for this run's rendezvous (other users' runs may hold the launcher's default)."""
     with socket.socket() as s:

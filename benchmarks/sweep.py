@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.quality import PROFILES, resolve  # noqa: E402
 from benchmarks.runs import (RESULTS_MD, ROOT, Launch, Progress, collect, load_records, run_queue,  # noqa: E402
-                             teacher_forwards, trainer_command, write_atomic, write_section)
+                             start_benchmark, teacher_forwards, trainer_command, write_atomic, write_section)
 from dist_xqa.config import load_config  # noqa: E402
 from dist_xqa.layout import RunLayout  # noqa: E402
 
@@ -113,11 +112,7 @@ def markdown(summary: dict, budget: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # through run_trainer's clean-up
-    args.out = args.out.resolve()
-    work = (args.work or ROOT / "runs" / args.out.name).resolve()
-    args.out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
+    work = start_benchmark(args)
     profile = PROFILES.get((args.config.stem, args.scale), []) + args.overrides
     for overrides in STUDENTS.values():  # every student's config is checked before anything runs
         load_config(args.config, resolve(profile + list(overrides)))
