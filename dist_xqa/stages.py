@@ -48,10 +48,12 @@ check_phase1_from refuses a source made from other data, model or tokenizer sett
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -231,26 +233,29 @@ def _hidden(layout: RunLayout) -> tuple[str, ...]:
     return layout.stage_outputs_hidden() + tuple(_pacing_outputs(layout))
 
 
-def store_differences(cfg: RunConfig) -> list[str]:
+def store_differences(cfg: RunConfig, weights: dict[str, str]) -> list[str]:
     """Why the run's own logit store (at its default place) would not serve this run: the
-    parts of its manifest's key that this run's phase-1 models and config give otherwise
-    (teachers' weights, dtype, top-k, placebo seed); [] when they match or there is no
-    store. The features and tokenizer come from the prepared data: checked as it opens."""
+    parts of its manifest's key that this run's phase-1 models (`weights`: phase1_weights)
+    and config give otherwise (teachers' weights, dtype, top-k, placebo seed); [] when they
+    match or there is no store. The features and tokenizer come from the prepared data:
+    checked as it opens."""
     try:
         found = read_manifest(RunLayout(cfg.run_path).store)
     except StoreMismatchError as e:
         return [str(e)]
     if found is None:
         return []
-    expected = Manifest(found.features_hash, found.tokenizer, phase1_weights(cfg), found.shard_size, found.seed,
+    expected = Manifest(found.features_hash, found.tokenizer, weights, found.shard_size, found.seed,
                         generation=found.generation, **store_options(cfg))
     return expected.differences(found)
 
 
-def _store_to_drop(cfg: RunConfig, asked: bool, to_redo: list[str], models: list[str]) -> str | None:
+def _store_to_drop(cfg: RunConfig, asked: bool, to_redo: list[str], models: list[str],
+                   weights: Callable[[], dict[str, str]]) -> str | None:
     """Why the run's own logit store goes with this rerun (None: it stays): asked for,
-    its teachers retrained, or no longer matching this run's student. Stages whose outputs
-    hold it (teachers; distill for SKD) remove it themselves."""
+    its teachers retrained, or no longer matching this run's student (`weights`: the
+    phase-1 weight hashes, hashed once a run). Stages whose outputs hold it (teachers;
+    distill for SKD) remove it themselves."""
     if asked:
         if cfg.distill.store_dir:
             raise ConfigError(f"--redo {STORE}: this run's logits are in distill.store_dir {cfg.distill.store_dir}, "
@@ -260,7 +265,7 @@ def _store_to_drop(cfg: RunConfig, asked: bool, to_redo: list[str], models: list
         return None
     if models:
         return f"its logits are those of {', '.join(models)}, retrained now"
-    if "distill" in to_redo and (differences := store_differences(cfg)):
+    if "distill" in to_redo and (differences := store_differences(cfg, weights())):
         return "it does not match this run: " + "; ".join(differences)
     return None
 
@@ -302,9 +307,9 @@ def check_rerun(cfg: RunConfig, redo: set[str]) -> None:
     drop_store = STORE in redo
     check_phase1_from(cfg)
     names = stage_names(cfg, list(_phase1(cfg)))
+    weights = functools.cache(lambda: phase1_weights(cfg))  # reads every phase-1 model's weights: once
     recorded = {s: _config_settings((read_json(record_path(cfg, s)) or {}).get("settings")) for s in names}
-    current = {s: stage_settings(cfg, s, phase1_weights(cfg) if s == "distill" and recorded[s] else None)
-               for s in names}
+    current = {s: stage_settings(cfg, s, weights() if s == "distill" and recorded[s] else None) for s in names}
     recorded = {s: _with_later_defaults(recorded[s], stage_settings(RunConfig(), s)) for s in names}
     outputs = {s: stage_outputs(cfg, s) for s in names}
     after_teachers = {STAGES[STAGES.index("teachers") + 1]} if models else set()
@@ -314,7 +319,7 @@ def check_rerun(cfg: RunConfig, redo: set[str]) -> None:
         raise ConfigError(f"{cfg.run_path}: {refusal}")
     redone_models = {} if "teachers" in to_redo else {role: model_outputs(cfg)[role] for role in models}
     removals = [*redone_models.items(), *((stage, outputs[stage]) for stage in to_redo)]
-    if why := _store_to_drop(cfg, drop_store, to_redo, models):
+    if why := _store_to_drop(cfg, drop_store, to_redo, models, weights):
         removals.append((f"{STORE} ({why})", [layout.relative(layout.store)]))
     elif "distill" in to_redo and layout.store.exists() and not cfg.distill.store_dir:
         log.info("--redo distill: the logit store %s is kept: its logits do not depend on the student "

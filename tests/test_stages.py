@@ -225,7 +225,8 @@ def test_redo_distill_drops_the_store_of_a_teacher_changed_since(tmp_path):
     cfg = load_config(None, [f"run_dir={run_dir}"])
     before = hashlib.sha256(b"model.safetensors\x0064\x00" + bytes([2]) * 64).hexdigest()[:12]
     now = hashlib.sha256(b"model.safetensors\x0019\x00retrained elsewhere").hexdigest()[:12]
-    assert stages.store_differences(cfg) == [f"teacher 'de' checkpoint (hash {before} != expected {now})"]
+    assert stages.store_differences(cfg, stages.phase1_weights(cfg)) == [
+        f"teacher 'de' checkpoint (hash {before} != expected {now})"]
     stages.check_rerun(cfg, {"distill"})
     assert store_files(run_dir) == []
 
@@ -234,7 +235,7 @@ def test_redo_store_drops_the_store_alone_and_refuses_a_shared_one(tmp_path):
     run_dir = tmp_path / "run"
     files = fake_run(run_dir)
     cfg = load_config(None, [f"run_dir={run_dir}"])
-    assert stages.store_differences(cfg) == []
+    assert stages.store_differences(cfg, stages.phase1_weights(cfg)) == []
     stages.check_rerun(cfg, {"store"})
     gone = sorted(str(p.relative_to(run_dir)) for p in files if not p.exists())
     assert gone == ["logits/.lock", "logits/en/heartbeat.json", "logits/en/shard_000000.pt", "logits/manifest.json",

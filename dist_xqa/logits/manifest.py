@@ -34,8 +34,8 @@ MANIFEST_NAME = "manifest.json"
 _LOCK_NAME = ".lock"
 _TEACHER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-# The store belongs to the distill stage: the entry point's --redo removes it with the
-# student it was made for (dist_xqa/stages.py).
+# A run's own store holds its teachers' logits: --redo teachers removes it, --redo distill
+# keeps it while it matches, --redo store drops it (dist_xqa/stages.py).
 RESET_ADVICE = ("to reset it, rerun the same command with --redo store (a store shared through distill.store_dir: "
                 "remove it once no run reads it)")
 
